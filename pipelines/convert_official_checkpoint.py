@@ -1,0 +1,37 @@
+"""Converts an official PixelREPA/JiT checkpoint (checkpoint-last.pth) into a PixelREPAPipeline directory."""
+
+import argparse
+import sys
+
+from pixelrepa_diffusers.conversion import WEIGHT_ENTRIES, convert_official_checkpoint
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint_path", required=True, help="Official checkpoint-last.pth.")
+    parser.add_argument("--output_dir", required=True, help="Where to write the pipeline (safetensors).")
+    parser.add_argument("--weights", default="ema1", choices=sorted(WEIGHT_ENTRIES),
+                        help="Which weights to export; the paper samples with ema1.")
+    parser.add_argument("--model", default=None,
+                        help="JiT preset name (e.g. JiT-B/16); default: read from the checkpoint's args.")
+    parser.add_argument("--in_context_start", type=int, default=None,
+                        help="Needed only for a custom model that matches no preset.")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="Default CFG scale stored in the pipeline; default: the paper's for the preset.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        convert_official_checkpoint(args.checkpoint_path, args.output_dir, weights=args.weights, model=args.model,
+                                    in_context_start=args.in_context_start, guidance_scale=args.guidance_scale)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Wrote PixelREPAPipeline to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""PixelREPA's Masked Transformer Adapter (Shin, Kim, Shim, arXiv 2603.14366)."""
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from .transformer_jit import JiTBlock, TimestepEmbedder, check_preset, init_jit_weights, rotary_cos_sin
+
+
+class ProjectionHead(nn.Module):
+    """Linear, LayerNorm, SiLU, Linear: maps adapter tokens to the alignment encoder's width."""
+
+    def __init__(self, hidden_size: int, out_channels: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(hidden_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(hidden_size, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.norm(self.linear_1(x))))
+
+
+class MaskedTransformerAdapter(ModelMixin, ConfigMixin):
+    """
+    Two JiT blocks with their own in-context class tokens and t/label embeddings, applied to the (partly masked)
+    tokens of the JiT encoder half and aligned to a frozen encoder's patch features. The projection head exists only
+    when `hidden_size != out_channels`. Masking is done by the caller with the backbone's `mask_token`.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 256,
+        patch_size: int = 16,
+        hidden_size: int = 768,
+        num_layers: int = 2,
+        num_attention_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        in_context_len: int = 32,
+        out_channels: int = 768,
+    ):
+        super().__init__()
+        if sample_size % patch_size:
+            raise ValueError(f"sample_size ({sample_size}) must be divisible by patch_size ({patch_size}).")
+        if hidden_size % num_attention_heads or (hidden_size // num_attention_heads) % 4:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) / num_attention_heads ({num_attention_heads}) must be a multiple of 4."
+            )
+        self.gradient_checkpointing = False
+        self.grid_size = sample_size // patch_size
+        self.timestep_embedder = TimestepEmbedder(hidden_size)
+        self.class_embedding = nn.Embedding(num_classes + 1, hidden_size)
+        self.in_context_pos_embed = nn.Parameter(torch.zeros(1, in_context_len, hidden_size))
+        self.blocks = nn.ModuleList(
+            [JiTBlock(hidden_size, num_attention_heads, mlp_ratio, 0.0, 0.0) for _ in range(num_layers)]
+        )
+        self.projection = ProjectionHead(hidden_size, out_channels) if hidden_size != out_channels else None
+        init_jit_weights(self)
+
+    @classmethod
+    def from_preset(cls, backbone: str, out_channels: int, **config_overrides) -> "MaskedTransformerAdapter":
+        """The official adapter for a JiT preset name (2 blocks at the backbone's width and heads)."""
+        preset = check_preset(backbone)
+        config = dict(
+            sample_size=preset["sample_size"],
+            patch_size=preset["patch_size"],
+            hidden_size=preset["hidden_size"],
+            num_attention_heads=preset["num_attention_heads"],
+            out_channels=out_channels,
+        )
+        return cls(**{**config, **config_overrides})
+
+    def forward(self, tokens: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, hidden_size) to features (B, N, out_channels)."""
+        label_embedding = self.class_embedding(class_labels)
+        conditioning = self.timestep_embedder(timestep) + label_embedding
+        in_context_tokens = label_embedding.unsqueeze(1) + self.in_context_pos_embed
+        x = torch.cat([in_context_tokens.to(tokens.dtype), tokens], dim=1)
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        cos, sin = rotary_cos_sin(self.grid_size, head_dim, self.config.in_context_len, device=tokens.device)
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, conditioning, cos, sin)
+            else:
+                x = block(x, conditioning, cos, sin)
+        x = x[:, self.config.in_context_len :]
+        if self.projection is not None:
+            x = self.projection(x)
+        return x

@@ -1,0 +1,183 @@
+"""Class-conditional pixel-space sampling with JiT / PixelREPA transformers."""
+
+from collections.abc import Callable
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .scheduling_jit_flow_match import JiTFlowMatchScheduler
+from .transformer_jit import JiTTransformer2DModel
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+class PixelREPAPipeline(DiffusionPipeline):
+    """
+    Samples images of given classes by integrating the JiT flow ODE from noise (t = 0) to image (t = 1), with
+    classifier-free guidance applied only for t inside `guidance_interval`.
+
+    Args:
+        transformer: the x-predicting JiT denoiser.
+        scheduler: the ODE solver.
+        id2label: class index to name; names may then be used as class labels.
+        guidance_scale: default classifier-free guidance scale (1.0 disables guidance).
+        guidance_interval: default (min, max) JiT-time interval where guidance applies.
+    """
+
+    model_cpu_offload_seq = "transformer"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        transformer: JiTTransformer2DModel,
+        scheduler: JiTFlowMatchScheduler,
+        id2label: dict[int, str] | None = None,
+        guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] = (0.1, 1.0),
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler)
+        check_guidance_interval(guidance_interval)
+        id2label = {int(key): value for key, value in (id2label or {}).items()}
+        self.register_to_config(
+            id2label=id2label, guidance_scale=guidance_scale, guidance_interval=list(guidance_interval)
+        )
+        self.labels = {}
+        for index, names in id2label.items():
+            for name in names.split(","):
+                self.labels[name.strip()] = index
+        self.image_processor = VaeImageProcessor(vae_scale_factor=1)
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Class indices of ImageNet-style class names (any comma-separated synonym of `id2label` works)."""
+        names = [label] if isinstance(label, str) else list(label)
+        for name in names:
+            if name not in self.labels:
+                raise ValueError(f"Unknown class name {name!r} in class_labels; see pipeline.labels for valid names.")
+        return [self.labels[name] for name in names]
+
+    def check_class_labels(self, class_labels) -> list[int]:
+        """Class labels as a list of ints in [0, num_classes), from ints, names or a 1-D tensor."""
+        if isinstance(class_labels, torch.Tensor):
+            if class_labels.ndim > 1 or class_labels.is_floating_point():
+                raise TypeError("class_labels tensor must be 1-D with integer dtype.")
+            class_labels = class_labels.reshape(-1).tolist()
+        elif isinstance(class_labels, (int, str)):
+            class_labels = [class_labels]
+        if not isinstance(class_labels, (list, tuple)):
+            raise TypeError(f"class_labels must be an int, a str, or a list of them, got {type(class_labels).__name__}.")
+        if len(class_labels) == 0:
+            raise ValueError("class_labels is empty; pass at least one class.")
+        ids = []
+        for label in class_labels:
+            if isinstance(label, str):
+                ids.extend(self.get_label_ids(label))
+            elif isinstance(label, int) and not isinstance(label, bool):
+                ids.append(label)
+            else:
+                raise TypeError(f"class_labels entries must be ints or class names, got {type(label).__name__}.")
+        num_classes = self.transformer.config.num_classes
+        for label in ids:
+            if not 0 <= label < num_classes:
+                raise ValueError(f"class_labels entry {label} is outside [0, {num_classes}).")
+        return ids
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | str | list[int | str] | torch.Tensor,
+        num_inference_steps: int = 50,
+        guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ):
+        """
+        Args:
+            class_labels: class indices or names, one image each.
+            num_inference_steps: ODE steps over linspace(0, 1, steps + 1).
+            guidance_scale: CFG scale; defaults to the pipeline's registered value.
+            guidance_interval: (min, max) JiT-time interval for CFG; defaults to the registered value.
+            generator: torch generator(s) for the initial noise, one per image if a list.
+            latents: standard-normal initial noise (B, C, H, W); scaled by the scheduler's `noise_scale`.
+            output_type: "pil", "np" (B, H, W, C) in [0, 1], or "pt" (B, C, H, W) in [0, 1].
+            return_dict: return an `ImagePipelineOutput` instead of a tuple.
+            callback_on_step_end: called as `fn(pipe, step, t, tensors)` after each scheduler step; may return
+                replacements for the tensors named in `callback_on_step_end_tensor_inputs`.
+        """
+        labels = self.check_class_labels(class_labels)
+        guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        guidance_interval = tuple(self.config.guidance_interval if guidance_interval is None else guidance_interval)
+        check_guidance_interval(guidance_interval)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        for name in callback_on_step_end_tensor_inputs:
+            if name not in self._callback_tensor_inputs:
+                raise ValueError(f"callback_on_step_end_tensor_inputs entry {name!r} is not in {self._callback_tensor_inputs}.")
+        batch_size = len(labels)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"generator is a list of {len(generator)} but {batch_size} images were asked for.")
+        config = self.transformer.config
+        shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
+        device = self._execution_device
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
+        latents = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        guided_steps = self.guided_steps(timesteps, guidance_scale, guidance_interval)
+        class_labels = torch.tensor(labels, device=device)
+        null_labels = torch.full_like(class_labels, config.num_classes)
+        model_dtype = self.transformer.dtype
+
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if guided_steps[i]:
+                    model_input = torch.cat([latents, latents])
+                    labels_input = torch.cat([class_labels, null_labels])
+                else:
+                    model_input, labels_input = latents, class_labels
+                x_pred = self.transformer(
+                    model_input.to(model_dtype), t.expand(model_input.shape[0]), labels_input
+                ).sample.float()
+                if guided_steps[i]:
+                    x_cond, x_uncond = x_pred.chunk(2)
+                    x_pred = x_uncond + guidance_scale * (x_cond - x_uncond)
+                latents = self.scheduler.step(x_pred, t, latents).prev_sample
+
+                if callback_on_step_end is not None:
+                    step_tensors = {"latents": latents}
+                    callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                progress_bar.update()
+
+        images = self.image_processor.postprocess(latents, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    @staticmethod
+    def guided_steps(timesteps: torch.Tensor, guidance_scale: float, guidance_interval) -> list[bool]:
+        """Which evaluations use CFG: guidance_scale != 1 and t in (min, max), min inclusive when it is 0."""
+        if guidance_scale == 1.0:
+            return [False] * len(timesteps)
+        low, high = guidance_interval
+        times = timesteps.detach().to("cpu", torch.float32)
+        return ((times < high) & ((times > low) | (low == 0))).tolist()
+
+
+def check_guidance_interval(guidance_interval) -> None:
+    """Raises ValueError unless guidance_interval is (min, max) with 0 <= min < max <= 1."""
+    if len(guidance_interval) != 2 or not 0 <= guidance_interval[0] < guidance_interval[1] <= 1:
+        raise ValueError(f"guidance_interval must be (min, max) with 0 <= min < max <= 1, got {guidance_interval}.")

@@ -1,0 +1,49 @@
+"""Loading of the committed official-code fixtures (see tests/fixtures/official/README.md)."""
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+
+from official_weights import load_manifest, random_official_state_dict
+
+FIXTURES = Path(__file__).parent / "fixtures" / "official"
+
+
+def load_fixture(name: str):
+    """(tensors, metadata) of a fixture file; JSON metadata values are decoded."""
+    with safe_open(FIXTURES / name, "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        metadata = dict(handle.metadata())
+    for key in ("config", "cases", "denoiser_args"):
+        if key in metadata:
+            metadata[key] = json.loads(metadata[key])
+    return tensors, metadata
+
+
+def official_state(tensors: dict, metadata: dict) -> dict:
+    """The official-layout state dict of a fixture: stored as state.* or regenerated from its manifest and seed."""
+    if metadata.get("manifest", "").endswith(".json"):
+        return random_official_state_dict(load_manifest(FIXTURES / metadata["manifest"]), int(metadata["seed"]))
+    return {key[len("state.") :]: value for key, value in tensors.items() if key.startswith("state.")}
+
+
+def small_transformer_config(official_config: dict) -> dict:
+    """Our JiTTransformer2DModel config for the official small JiT fixture config."""
+    return dict(
+        sample_size=official_config["input_size"],
+        patch_size=official_config["patch_size"],
+        in_channels=official_config["in_channels"],
+        hidden_size=official_config["hidden_size"],
+        num_layers=official_config["depth"],
+        num_attention_heads=official_config["num_heads"],
+        mlp_ratio=official_config["mlp_ratio"],
+        num_classes=official_config["num_classes"],
+        bottleneck_dim=official_config["bottleneck_dim"],
+        in_context_len=official_config["in_context_len"],
+        in_context_start=official_config["in_context_start"],
+    )
+
+
+def relative_error(actual, expected) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()

@@ -1,0 +1,113 @@
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from conftest import random_tiny_transformer
+from pixelrepa_diffusers import JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline
+
+ID2LABEL = {i: name for i, name in enumerate(["zero", "one", "two", "three", "four, 4", "five", "six", "seven",
+                                               "eight", "nine"])}
+
+
+@pytest.fixture
+def pipe():
+    pipeline = PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler(), id2label=ID2LABEL,
+                                 guidance_scale=2.5, guidance_interval=(0.1, 1.0))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_output_types_agree_and_are_in_unit_range(pipe):
+    kwargs = dict(num_inference_steps=3)
+    pt = pipe([1, 2], generator=torch.manual_seed(0), output_type="pt", **kwargs).images
+    np_images = pipe([1, 2], generator=torch.manual_seed(0), output_type="np", **kwargs).images
+    pil = pipe([1, 2], generator=torch.manual_seed(0), output_type="pil", **kwargs).images
+    assert pt.shape == (2, 3, 32, 32) and 0 <= pt.min() and pt.max() <= 1 and pt.std() > 0.01
+    assert np_images.shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(np_images, pt.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    assert isinstance(pil[0], PIL.Image.Image) and pil[0].size == (32, 32)
+    np.testing.assert_allclose(np.asarray(pil[0]), np.round(np_images[0] * 255), atol=1)
+
+
+def test_class_names_equal_class_ids(pipe):
+    by_id = pipe([4, 7], num_inference_steps=2, generator=torch.manual_seed(1), output_type="pt").images
+    by_name = pipe(["4", "seven"], num_inference_steps=2, generator=torch.manual_seed(1), output_type="pt").images
+    assert torch.equal(by_id, by_name)
+    assert pipe.get_label_ids(["four", "4", "nine"]) == [4, 4, 9]
+
+
+def test_generator_list_gives_per_image_noise(pipe):
+    together = pipe([1, 2], num_inference_steps=2, output_type="pt",
+                    generator=[torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]).images
+    alone = pipe([2], num_inference_steps=2, output_type="pt", generator=[torch.Generator().manual_seed(4)]).images
+    torch.testing.assert_close(together[1:], alone, atol=1e-5, rtol=0)
+
+
+def test_latents_are_scaled_by_noise_scale(pipe):
+    latents = torch.randn(1, 3, 32, 32, generator=torch.manual_seed(5))
+    pipe.scheduler = JiTFlowMatchScheduler(noise_scale=2.0)
+    seen = {}
+
+    def first_latents(pipeline, step, t, tensors):
+        seen.setdefault(step, tensors["latents"].clone())
+        return {}
+
+    pipe([3], num_inference_steps=1, latents=latents, callback_on_step_end=first_latents, output_type="pt",
+         guidance_scale=1.0)
+    # One Euler step from t=0 to 1 lands exactly on the x-prediction made from 2 * latents.
+    with torch.no_grad():
+        expected = pipe.transformer(2 * latents, torch.zeros(1), torch.tensor([3])).sample
+    torch.testing.assert_close(seen[0], expected, atol=1e-5, rtol=0)
+
+
+def test_guidance_only_inside_interval_and_batched(pipe):
+    calls = []
+    hook = pipe.transformer.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    pipe([1], num_inference_steps=10, guidance_interval=(0.1, 1.0), output_type="pt")
+    hook.remove()
+    # Heun, 10 steps: 19 evaluations at t = 0, .1, .1, .2, ...; t <= 0.1 runs without the unconditional half.
+    assert len(calls) == 19
+    assert calls[:3] == [1, 1, 1] and set(calls[3:]) == {2}
+
+
+def test_bf16_transformer_keeps_fp32_state(pipe):
+    pipe.transformer.to(torch.bfloat16)
+    images = pipe([1, 2], num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+
+
+def test_save_load_round_trip_in_safetensors(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert files == ["model_index.json", "scheduler/scheduler_config.json", "transformer/config.json",
+                     "transformer/diffusion_pytorch_model.safetensors"]
+    loaded = PixelREPAPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.transformer, JiTTransformer2DModel)
+    assert loaded.config.guidance_scale == 2.5 and loaded.get_label_ids("seven") == [7]
+    before = pipe([1, 9], num_inference_steps=3, generator=torch.manual_seed(2), output_type="pt").images
+    after = loaded([1, 9], num_inference_steps=3, generator=torch.manual_seed(2), output_type="pt").images
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(class_labels=[10]), ValueError, "class_labels entry 10"),
+        (dict(class_labels=[-1]), ValueError, "class_labels entry -1"),
+        (dict(class_labels=["unicorn"]), ValueError, "Unknown class name 'unicorn'"),
+        (dict(class_labels=[]), ValueError, "class_labels is empty"),
+        (dict(class_labels=[1.5]), TypeError, "class_labels entries"),
+        (dict(class_labels=[1], num_inference_steps=0), ValueError, "num_inference_steps must be >= 1"),
+        (dict(class_labels=[1], latents=torch.randn(1, 3, 16, 16)), ValueError, "latents must have shape"),
+        (dict(class_labels=[1, 2], generator=[torch.manual_seed(0)]), ValueError, "generator is a list of 1"),
+        (dict(class_labels=[1], output_type="latent"), ValueError, "output_type must be one of"),
+        (dict(class_labels=[1], guidance_interval=(0.5, 0.2)), ValueError, "guidance_interval"),
+        (dict(class_labels=[1], guidance_interval=(-0.1, 1.0)), ValueError, "guidance_interval"),
+        (dict(class_labels=[1], guidance_interval=(0.1, 1.5)), ValueError, "guidance_interval"),
+    ],
+)
+def test_bad_input_is_refused(pipe, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pipe(**kwargs)

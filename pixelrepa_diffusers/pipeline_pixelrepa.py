@@ -33,9 +33,9 @@ class PixelREPAPipeline(DiffusionPipeline):
         self,
         transformer: JiTTransformer2DModel,
         scheduler: JiTFlowMatchScheduler,
-        id2label: dict[int, str] | None = None,
+        id2label: dict | None = None,
         guidance_scale: float = 1.0,
-        guidance_interval: tuple[float, float] = (0.1, 1.0),
+        guidance_interval: tuple | list = (0.1, 1.0),
     ):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler)

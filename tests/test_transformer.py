@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from conftest import TINY_CONFIG, random_tiny_transformer
+from pixelrepa_diffusers import JIT_PRESETS, JiTTransformer2DModel, MaskedTransformerAdapter
+
+
+@pytest.mark.parametrize("name, millions", [("JiT-B/16", 131), ("JiT-L/16", 459), ("JiT-H/16", 953)])
+def test_preset_sizes_match_the_paper(name, millions):
+    with torch.device("meta"):
+        model = JiTTransformer2DModel.from_preset(name)
+    trainable = sum(p.numel() for p in model.parameters())
+    assert round(trainable / 1e6) == millions
+    assert model.config.sample_size == 256 and model.num_patches == 256
+
+
+def test_all_presets_build_with_their_resolution():
+    for name, preset in JIT_PRESETS.items():
+        with torch.device("meta"):
+            model = JiTTransformer2DModel.from_preset(name)
+        assert model.num_patches == 256 and model.config.sample_size == preset["sample_size"]
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(ValueError, match="Unknown JiT preset 'JiT-XL/2'"):
+        JiTTransformer2DModel.from_preset("JiT-XL/2")
+    with pytest.raises(ValueError, match="Unknown JiT preset"):
+        MaskedTransformerAdapter.from_preset("DiT-B/16", out_channels=768)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(sample_size=30), "divisible by patch_size"),
+    (dict(num_attention_heads=3), "multiple of 4"),
+    (dict(in_context_start=4), "in_context_start"),
+])
+def test_bad_config_is_refused(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        JiTTransformer2DModel(**{**TINY_CONFIG, **overrides})
+
+
+def test_official_initialisation():
+    model = JiTTransformer2DModel(**TINY_CONFIG)
+    for block in model.blocks:
+        assert block.adaln_modulation.weight.abs().sum() == 0
+    assert model.final_layer.linear.weight.abs().sum() == 0
+    assert model.mask_token.abs().sum() > 0 and model.in_context_pos_embed.abs().sum() > 0
+    assert 0.015 < model.class_embedding.weight.std() < 0.025
+    # Zero-initialised output layer: a fresh model predicts exactly zero.
+    out = model(torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 2])).sample
+    assert out.abs().max() == 0
+
+
+def test_encoder_and_decoder_halves_compose_to_forward():
+    model = random_tiny_transformer()
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.7]), torch.tensor([3, 10])
+    with torch.no_grad():
+        conditioning, label_embedding = model.embed_conditions(t, y)
+        tokens = model.run_blocks(model.embed_patches(x), conditioning, label_embedding, 0, 2)
+        assert tokens.shape == (2, 16, 64)
+        tokens = model.run_blocks(tokens, conditioning, label_embedding, 2, 4)
+        assert tokens.shape == (2, 4 + 16, 64)
+        torch.testing.assert_close(model.unembed(tokens, conditioning), model(x, t, y).sample, rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = random_tiny_transformer().train()
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.7]), torch.tensor([3, 10])
+    model(x, t, y).sample.square().mean().backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.enable_gradient_checkpointing()
+    model(x, t, y).sample.square().mean().backward()
+    for name, p in model.named_parameters():
+        if name in expected:
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7)
+
+
+def test_attention_upcast_keeps_fp32_results_and_runs_in_bf16():
+    model = random_tiny_transformer()
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.7]), torch.tensor([3, 10])
+    with torch.no_grad():
+        plain = model(x, t, y).sample
+        model.set_attention_upcast(True)
+        torch.testing.assert_close(model(x, t, y).sample, plain, rtol=0, atol=0)
+        model.to(torch.bfloat16)
+        upcast = model(x.bfloat16(), t, y).sample
+    assert upcast.dtype == torch.bfloat16
+    assert ((upcast.float() - plain).norm() / plain.norm()) < 0.05
+
+
+def test_dropout_only_in_the_middle_half_of_the_blocks():
+    model = JiTTransformer2DModel(**{**TINY_CONFIG, "num_layers": 8, "in_context_start": 2, "dropout": 0.2,
+                                     "attention_dropout": 0.1})
+    rates = [block.attn.dropout.p for block in model.blocks]
+    assert rates == [0.0, 0.0, 0.2, 0.2, 0.2, 0.2, 0.0, 0.0]
+    assert [block.attn.attention_dropout for block in model.blocks][2] == 0.1
+
+
+def test_save_and_load_in_safetensors(tmp_path):
+    model = random_tiny_transformer()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    loaded = JiTTransformer2DModel.from_pretrained(tmp_path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

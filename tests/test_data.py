@@ -1,0 +1,222 @@
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixelrepa_diffusers.data import (
+    center_crop_arr,
+    collate_train_batch,
+    load_train_dataset,
+    make_quickstart_dataset,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PREPARE_SCRIPT = REPO / "training" / "prepare_dataset.py"
+
+
+def random_image(width, height, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "size, image_size, steps",
+    [
+        # 403 >= 2 * 128: box-halve to 300 x 201; 201 * 128 / 201 = 128 and 300 * 128 / 201 = 191.04 -> 191; crop x 31.
+        ((600, 403), 128, [("box", (300, 201)), ("bicubic", (191, 128)), ("crop", (31, 0))]),
+        # Upscale: 32 / 37 makes 50 -> 43.24 -> 43; crop y (43 - 32) // 2 = 5.
+        ((37, 50), 32, [("bicubic", (32, 43)), ("crop", (0, 5))]),
+        # 515 >= 512: halve once to 515 x 257; 515 * 256 / 257 = 512.996 -> 513; crop x 128.
+        ((1030, 515), 256, [("box", (515, 257)), ("bicubic", (513, 256)), ("crop", (128, 0))]),
+        # Python's round: 14 * 0.75 = 10.5 rounds to 10 (half to even), so the crop starts at x 0.
+        ((14, 12), 9, [("bicubic", (10, 9)), ("crop", (0, 0))]),
+        # Already the right size: the image is unchanged.
+        ((16, 16), 16, [("crop", (0, 0))]),
+    ],
+)
+def test_center_crop_follows_adm(size, image_size, steps):
+    image = random_image(*size, seed=sum(size))
+    expected = image
+    for step, value in steps:
+        if step == "box":
+            expected = expected.resize(value, resample=Image.BOX)
+        elif step == "bicubic":
+            expected = expected.resize(value, resample=Image.BICUBIC)
+        else:
+            expected = expected.crop((value[0], value[1], value[0] + image_size, value[1] + image_size))
+    cropped = center_crop_arr(image, image_size)
+    assert cropped.size == (image_size, image_size)
+    np.testing.assert_array_equal(np.asarray(cropped), np.asarray(expected))
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Classes "cat" (2 images, one nested) and "ant" (2 images, one corrupt), plus a text file and a loose image."""
+    root = tmp_path / "images"
+    (root / "cat" / "nested").mkdir(parents=True)
+    (root / "ant").mkdir()
+    random_image(40, 30, seed=1).save(root / "cat" / "a.png")
+    random_image(20, 50, seed=2).save(root / "cat" / "nested" / "b.JPEG", quality=95)
+    random_image(33, 33, seed=3).save(root / "ant" / "c.bmp")
+    (root / "ant" / "d.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "ant" / "notes.txt").write_text("not an image")
+    random_image(8, 8, seed=4).save(root / "loose.png")
+    return root
+
+
+def test_image_folder_items_labels_and_skipped(image_folder, caplog):
+    dataset = load_train_dataset(train_data_dir=str(image_folder), resolution=16, random_flip=False)
+    assert dataset.class_names == ["ant", "cat"] and len(dataset) == 4
+    with caplog.at_level(logging.WARNING, logger="pixelrepa_diffusers.data"):
+        items = [dataset[i] for i in range(len(dataset))]
+    assert items[1] is None and "d.jpg" in caplog.text
+    expected_files = [image_folder / name for name in ("ant/c.bmp", "cat/a.png", "cat/nested/b.JPEG")]
+    for item, path, label in zip([items[0], items[2], items[3]], expected_files, [0, 1, 1]):
+        assert item["pixel_values"].dtype == torch.uint8 and item["pixel_values"].shape == (3, 16, 16)
+        expected = np.asarray(center_crop_arr(Image.open(path).convert("RGB"), 16)).transpose(2, 0, 1)
+        np.testing.assert_array_equal(item["pixel_values"].numpy(), expected)
+        assert item["class_labels"].dtype == torch.int64 and item["class_labels"].item() == label
+    batch = collate_train_batch(items)
+    assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["num_skipped"] == 1
+    assert batch["class_labels"].tolist() == [0, 1, 1]
+    empty = collate_train_batch([None, None])
+    assert empty["pixel_values"].shape[0] == 0 and empty["class_labels"].shape == (0,) and empty["num_skipped"] == 2
+
+
+def test_flip_is_seeded_by_seed_epoch_and_index(tmp_path):
+    root = tmp_path / "images"
+    (root / "only").mkdir(parents=True)
+    for i in range(16):
+        random_image(12, 12, seed=i).save(root / "only" / f"{i:02d}.png")
+    plain = load_train_dataset(train_data_dir=str(root), resolution=12, random_flip=False)
+    flipping = load_train_dataset(train_data_dir=str(root), resolution=12, seed=3)
+
+    def flips(dataset):
+        result = []
+        for i in range(len(dataset)):
+            image, reference = dataset[i]["pixel_values"], plain[i]["pixel_values"]
+            assert torch.equal(image, reference) or torch.equal(image, reference.flip(2))
+            result.append(not torch.equal(image, reference))
+        return result
+
+    epoch0 = flips(flipping)
+    assert 0 < sum(epoch0) < 16
+    assert flips(load_train_dataset(train_data_dir=str(root), resolution=12, seed=3)) == epoch0
+    flipping.set_epoch(1)
+    assert flips(flipping) != epoch0
+    # Worker processes draw the same flips as the main process.
+    loader = torch.utils.data.DataLoader(flipping, batch_size=4, num_workers=2, collate_fn=collate_train_batch)
+    in_workers = torch.cat([batch["pixel_values"] for batch in loader])
+    assert torch.equal(in_workers, torch.stack([flipping[i]["pixel_values"] for i in range(16)]))
+
+
+def test_datasets_sources(tmp_path):
+    images = [random_image(20, 24, seed=i) for i in range(3)]
+    features = datasets.Features(
+        {"img": datasets.Image(), "cls": datasets.Value("int64"), "extra": datasets.Value("string")}
+    )
+    table = datasets.Dataset.from_dict({"img": images, "cls": [2, 0, 2], "extra": ["x", "y", "z"]}, features=features)
+    # A local dataset repository (what a Hub dataset is), read by datasets.load_dataset.
+    table.to_parquet(str(tmp_path / "repo" / "train.parquet"))
+    # A save_to_disk folder, as a DatasetDict.
+    datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "saved"))
+    for name in ("repo", "saved"):
+        dataset = load_train_dataset(
+            dataset_name=str(tmp_path / name), image_column="img", label_column="cls", resolution=16, random_flip=False
+        )
+        assert len(dataset) == 3 and dataset.class_names == ["0", "1", "2"]
+        assert [dataset[i]["class_labels"].item() for i in range(3)] == [2, 0, 2]
+        expected = np.asarray(center_crop_arr(images[1], 16)).transpose(2, 0, 1)
+        np.testing.assert_array_equal(dataset[1]["pixel_values"].numpy(), expected)
+    with pytest.raises(ValueError, match="split 'validation'"):
+        load_train_dataset(
+            dataset_name=str(tmp_path / "saved"), image_column="img", label_column="cls", split="validation"
+        )
+    with pytest.raises(ValueError, match="image_column 'image'"):
+        load_train_dataset(dataset_name=str(tmp_path / "saved"), label_column="cls")
+    with pytest.raises(ValueError, match="label_column 'label'"):
+        load_train_dataset(dataset_name=str(tmp_path / "saved"), image_column="img")
+    with pytest.raises(ValueError, match="image_column 'extra'.*expected an Image feature"):
+        load_train_dataset(dataset_name=str(tmp_path / "saved"), image_column="extra", label_column="cls")
+    with pytest.raises(ValueError, match="label_column 'extra'.*expected integer class ids"):
+        load_train_dataset(dataset_name=str(tmp_path / "saved"), image_column="img", label_column="extra")
+
+
+def test_bad_arguments(image_folder, tmp_path):
+    with pytest.raises(ValueError, match="exactly one of train_data_dir"):
+        load_train_dataset()
+    with pytest.raises(ValueError, match="exactly one of train_data_dir"):
+        load_train_dataset(train_data_dir=str(image_folder), dataset_name="some/dataset")
+    for resolution in (0, -8, 16.0):
+        with pytest.raises(ValueError, match="resolution must be a positive int"):
+            load_train_dataset(train_data_dir=str(image_folder), resolution=resolution)
+    with pytest.raises(ValueError, match="no class subfolders"):
+        load_train_dataset(train_data_dir=str(image_folder / "cat" / "nested"))
+    with pytest.raises(ValueError, match="is not a directory"):
+        load_train_dataset(train_data_dir=str(tmp_path / "missing"))
+
+
+def test_prepare_dataset_matches_on_the_fly_crops(image_folder, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("prepare_dataset", PREPARE_SCRIPT)
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    output_dir = tmp_path / "prepared"
+    prepare.main([
+        "--train_data_dir", str(image_folder), "--resolution", "16", "--output_dir", str(output_dir), "--num_proc", "2",
+    ])
+    printed = capsys.readouterr().out
+    assert "Wrote 3 images" in printed and "skipped 1 unreadable" in printed
+    assert sorted(os.listdir(tmp_path)) == ["images", "prepared"]  # the temporary shards are gone
+    prepared = load_train_dataset(dataset_name=str(output_dir), resolution=16, random_flip=False)
+    on_the_fly = load_train_dataset(train_data_dir=str(image_folder), resolution=16, random_flip=False)
+    assert prepared.precropped and prepared.class_names == ["ant", "cat"] and len(prepared) == 3
+    readable = [item for item in (on_the_fly[i] for i in range(4)) if item is not None]
+    for i, expected in enumerate(readable):
+        assert torch.equal(prepared[i]["pixel_values"], expected["pixel_values"])
+        assert prepared[i]["class_labels"].item() == expected["class_labels"].item()
+    flipping = load_train_dataset(dataset_name=str(output_dir), resolution=16, seed=5)
+    assert all(
+        torch.equal(flipping[i]["pixel_values"], prepared[i]["pixel_values"])
+        or torch.equal(flipping[i]["pixel_values"], prepared[i]["pixel_values"].flip(2))
+        for i in range(3)
+    )
+    with pytest.raises(ValueError, match="holds 16 px images, but resolution=32"):
+        load_train_dataset(dataset_name=str(output_dir), resolution=32)
+
+
+def test_prepare_dataset_cli_bad_input_is_one_line(tmp_path):
+    missing = str(tmp_path / "missing")
+    command = [sys.executable, str(PREPARE_SCRIPT), "--train_data_dir", missing, "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode != 0
+    expected = f"prepare_dataset.py: error: train_data_dir {missing!r} is not a directory"
+    assert result.stderr.strip().splitlines() == [expected]
+
+
+def test_quickstart_digits(tmp_path):
+    from sklearn.datasets import load_digits
+
+    make_quickstart_dataset(str(tmp_path / "digits"), resolution=16)
+    assert sorted(os.listdir(tmp_path / "digits")) == [str(digit) for digit in range(10)]
+    dataset = load_train_dataset(train_data_dir=str(tmp_path / "digits"), resolution=16, random_flip=False)
+    digits = load_digits()
+    assert len(dataset) == len(digits.images) == 1797 and dataset.class_names == [str(d) for d in range(10)]
+    # Files are named by their index in load_digits; each is the upscaled digit in gray RGB.
+    path = tmp_path / "digits" / "7" / f"{int(np.flatnonzero(digits.target == 7)[0]):04d}.png"
+    image = np.asarray(Image.open(path))
+    assert image.shape == (16, 16, 3) and (image[..., 0] == image[..., 2]).all()
+    downscaled = np.asarray(Image.fromarray(image[..., 0]).resize((8, 8), resample=Image.BOX), dtype=float)
+    original = digits.images[np.flatnonzero(digits.target == 7)[0]] * 255 / 16
+    assert np.corrcoef(downscaled.ravel(), original.ravel())[0, 1] > 0.9
+    labels = collate_train_batch([dataset[i] for i in range(0, 1797, 50)])["class_labels"]
+    assert labels.tolist() == sorted(digits.target)[::50]
+    # Deterministic: a second build writes identical files.
+    make_quickstart_dataset(str(tmp_path / "again"), resolution=16)
+    assert path.read_bytes() == (tmp_path / "again" / "7" / path.name).read_bytes()

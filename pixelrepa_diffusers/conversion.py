@@ -11,6 +11,7 @@ import zipfile
 import torch
 
 from .adapter_pixelrepa import MaskedTransformerAdapter
+from .hub import CARD_VARIANTS, render_model_card, variant_card_settings
 from .pipeline_pixelrepa import PixelREPAPipeline
 from .scheduling_jit_flow_match import JiTFlowMatchScheduler
 from .transformer_jit import JIT_PRESETS, JiTTransformer2DModel
@@ -18,8 +19,6 @@ from .transformer_jit import JIT_PRESETS, JiTTransformer2DModel
 # The only non-tensor class an official checkpoint holds: its training args.
 CHECKPOINT_ALLOWED_GLOBALS = [argparse.Namespace]
 WEIGHT_ENTRIES = {"ema1": "model_ema1", "ema2": "model_ema2", "model": "model"}
-# Sampling settings of the PixelREPA paper (Heun, 50 steps, CFG interval [0.1, 1.0]).
-PAPER_GUIDANCE_SCALE = {"JiT-B/16": 3.1, "JiT-L/16": 2.8, "JiT-H/16": 2.4}
 
 # (official key pattern, our key), applied in order to backbone and adapter keys.
 KEY_RENAMES = [
@@ -196,30 +195,46 @@ def convert_official_checkpoint(checkpoint_path: str, output_dir: str, weights: 
         load_into(adapter, adapter_state, "adapter")
 
     preset_name = model or getattr(args, "model", None)
-    if adapter is not None and preset_name in PAPER_GUIDANCE_SCALE:
-        default_scale, guidance_interval = PAPER_GUIDANCE_SCALE[preset_name], (0.1, 1.0)
+    method = "PixelREPA" if adapter is not None else "JiT"
+    variant = f"{method}-{preset_name.split('-', 1)[-1]}" if preset_name in JIT_PRESETS else None
+    if variant in CARD_VARIANTS:
+        card_settings = variant_card_settings(variant, repo_id=f"<user>/{os.path.basename(os.path.abspath(output_dir))}")
+        guidance_interval = (0.1, 1.0)
     else:
-        default_scale = float(getattr(args, "cfg", 1.0))
+        card_settings = dict(
+            model_name=os.path.basename(os.path.abspath(output_dir)),
+            repo_id=f"<user>/{os.path.basename(os.path.abspath(output_dir))}",
+            method=method,
+            architecture=config,
+            training={key: str(value) for key, value in sorted(vars(args).items())},
+            weights_source=f"Converted from an official checkpoint ({weights} weights) with pixelrepa-diffusers.",
+            guidance_scale=float(getattr(args, "cfg", 1.0)),
+        )
         guidance_interval = (float(getattr(args, "interval_min", 0.1)), float(getattr(args, "interval_max", 1.0)))
-    guidance_scale = default_scale if guidance_scale is None else guidance_scale
+    if guidance_scale is not None:
+        card_settings["guidance_scale"] = guidance_scale
     scheduler = JiTFlowMatchScheduler(
         solver=getattr(args, "sampling_method", "heun"),
         t_eps=float(getattr(args, "t_eps", 0.05)),
         noise_scale=float(getattr(args, "noise_scale", 1.0)),
     )
+    card = render_model_card(**card_settings, guidance_interval=guidance_interval, solver=scheduler.config.solver,
+                             noise_scale=scheduler.config.noise_scale)
     pipeline = PixelREPAPipeline(
         transformer=transformer,
         scheduler=scheduler,
         id2label=imagenet_id2label(config["num_classes"]),
-        guidance_scale=guidance_scale,
+        guidance_scale=card_settings["guidance_scale"],
         guidance_interval=guidance_interval,
     )
-    write_atomically(output_dir, lambda tmp: save_converted(tmp, pipeline, adapter))
+    write_atomically(output_dir, lambda tmp: save_converted(tmp, pipeline, adapter, card))
     return pipeline
 
 
-def save_converted(directory: str, pipeline: PixelREPAPipeline, adapter: MaskedTransformerAdapter | None) -> None:
+def save_converted(directory: str, pipeline: PixelREPAPipeline, adapter: MaskedTransformerAdapter | None,
+                   card) -> None:
     pipeline.save_pretrained(directory, safe_serialization=True)
+    card.save(os.path.join(directory, "README.md"))
     if adapter is not None:
         adapter.save_pretrained(os.path.join(directory, "adapter"), safe_serialization=True)
 

@@ -1,16 +1,19 @@
 """Class-conditional pixel-space sampling with JiT / PixelREPA transformers."""
 
+import os
 from collections.abc import Callable
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
 
 from .scheduling_jit_flow_match import JiTFlowMatchScheduler
 from .transformer_jit import JiTTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+PIPELINE_FILES = ["model_index.json", "transformer/*.json", "transformer/*.safetensors", "scheduler/*.json"]
 
 
 class PixelREPAPipeline(DiffusionPipeline):
@@ -49,6 +52,38 @@ class PixelREPAPipeline(DiffusionPipeline):
             for name in names.split(","):
                 self.labels[name.strip()] = index
         self.image_processor = VaeImageProcessor(vae_scale_factor=1)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        torch_dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+    ) -> "PixelREPAPipeline":
+        """
+        Loads a saved pipeline folder or a Hub repo id with this package's classes, online or offline from the HF
+        cache. Repos pushed by `push_pipeline_to_hub` also carry remote code for
+        `DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)`; this method neither downloads nor runs it.
+        """
+        folder = pretrained_model_name_or_path
+        if not os.path.isdir(folder):
+            folder = snapshot_download(
+                folder, allow_patterns=PIPELINE_FILES, revision=revision, cache_dir=cache_dir, token=token,
+                local_files_only=local_files_only,
+            )
+        config = cls.load_config(folder)
+        pipeline = cls(
+            transformer=JiTTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch_dtype),
+            scheduler=JiTFlowMatchScheduler.from_pretrained(folder, subfolder="scheduler"),
+            id2label=config["id2label"],
+            guidance_scale=config["guidance_scale"],
+            guidance_interval=config["guidance_interval"],
+        )
+        pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return pipeline
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Class indices of ImageNet-style class names (any comma-separated synonym of `id2label` works)."""

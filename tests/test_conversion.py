@@ -69,6 +69,7 @@ def test_round_trip_reproduces_official_sampling(official_checkpoint, tmp_path):
     result = run_cli("--checkpoint_path", official_checkpoint, "--output_dir", out, "--in_context_start", 2)
     assert result.returncode == 0, result.stderr
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt*"))
+    assert "library_name: diffusers" in (out / "README.md").read_text()
     pipe = PixelREPAPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.config.guidance_scale == 3.0 and list(pipe.config.guidance_interval) == [0.1, 1.0]

@@ -1,0 +1,300 @@
+"""Model cards and Hub publishing for PixelREPA / JiT pipelines."""
+
+import importlib
+import json
+import re
+from pathlib import Path
+
+import httpx2
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+
+from .transformer_jit import JIT_PRESETS
+
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
+METHODS = ("JiT", "JiT+REPA", "PixelREPA")
+PAPERS = {
+    "PixelREPA": ("the PixelREPA paper (arXiv 2603.14366)", "https://arxiv.org/abs/2603.14366"),
+    "JiT": ("the JiT paper (arXiv 2511.13720)", "https://arxiv.org/abs/2511.13720"),
+}
+# Official 600-epoch ImageNet 256x256 checkpoints: FID-50K / IS as the papers report them, and the guidance scale
+# of the authors' evaluation commands (PixelREPA README; JiT README for its pre-trained models).
+CARD_VARIANTS = {
+    "PixelREPA-B/16": dict(method="PixelREPA", backbone="JiT-B/16", params="131M", guidance_scale=3.1,
+                           fid=3.17, inception_score=284.6),
+    "PixelREPA-L/16": dict(method="PixelREPA", backbone="JiT-L/16", params="459M", guidance_scale=2.8,
+                           fid=2.11, inception_score=309.5),
+    "PixelREPA-H/16": dict(method="PixelREPA", backbone="JiT-H/16", params="953M", guidance_scale=2.4,
+                           fid=1.81, inception_score=317.2),
+    "JiT-B/16": dict(method="JiT", backbone="JiT-B/16", params="131M", guidance_scale=3.0,
+                     fid=3.66, inception_score=275.1),
+    "JiT-L/16": dict(method="JiT", backbone="JiT-L/16", params="459M", guidance_scale=2.4,
+                     fid=2.36, inception_score=298.5),
+    "JiT-H/16": dict(method="JiT", backbone="JiT-H/16", params="953M", guidance_scale=2.2,
+                     fid=1.86, inception_score=303.4),
+}
+
+PACKAGE = __name__.split(".")[0]
+RELATIVE_IMPORT = re.compile(r"^(\s*from\s+)\.(\w+)(\s+import\s)", re.MULTILINE)
+PACKAGE_IMPORT = re.compile(rf"^\s*(from|import)\s+{PACKAGE}\b", re.MULTILINE)
+UPLOADED_SUFFIXES = (".safetensors", ".json")
+# Model folders that are not pipeline components but belong with the weights: the PixelREPA adapter the converter
+# writes, so training can continue from a published checkpoint.
+EXTRA_MODEL_FOLDERS = ("adapter",)
+
+
+def render_model_card(
+    *,
+    model_name: str,
+    repo_id: str,
+    method: str,
+    architecture: dict,
+    training: dict,
+    weights_source: str,
+    guidance_scale: float,
+    guidance_interval: tuple[float, float] = (0.1, 1.0),
+    num_inference_steps: int = 50,
+    solver: str = "heun",
+    noise_scale: float = 1.0,
+    dataset: str = "imagenet-1k",
+    fid: float | None = None,
+    inception_score: float | None = None,
+    metrics_source: str | None = None,
+    metrics_source_url: str | None = None,
+    license: str = "mit",
+) -> ModelCard:
+    """
+    The model card (README.md) of a pipeline, filled from model_cards/template.md.
+
+    Args:
+        model_name: card title, e.g. "PixelREPA-B/16".
+        repo_id: Hub id shown in the usage snippet.
+        method: "JiT", "JiT+REPA" or "PixelREPA": how the backbone was trained.
+        architecture: the transformer's config (sample_size, patch_size, hidden_size, num_layers,
+            num_attention_heads, bottleneck_dim, in_context_start, num_classes).
+        training: the training recipe, shown as a table of setting -> value.
+        weights_source: one sentence saying where the weights come from.
+        guidance_scale, guidance_interval, num_inference_steps, solver, noise_scale: the sampling settings.
+        dataset: Hub dataset id of the training data.
+        fid, inception_score: FID-50K and IS, given together with `metrics_source`, which says who measured them
+            (e.g. "as reported by the PixelREPA paper"), and optionally `metrics_source_url`.
+        license: license id of the weights.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if solver not in ("heun", "euler"):
+        raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}.")
+    if not 0.0 <= guidance_interval[0] < guidance_interval[1] <= 1.0:
+        raise ValueError(f"guidance_interval must satisfy 0 <= min < max <= 1, got {guidance_interval}.")
+    if len({fid is None, inception_score is None, metrics_source is None}) > 1:
+        raise ValueError("fid, inception_score and metrics_source must be given together, or all left out.")
+    resolution, num_classes = architecture["sample_size"], architecture["num_classes"]
+    eval_results = None
+    if fid is not None:
+        eval_results = [
+            EvalResult(
+                task_type="unconditional-image-generation",
+                task_name="Class-conditional image generation",
+                dataset_type=dataset,
+                dataset_name=f"{dataset} {resolution}x{resolution}",
+                metric_type=metric_type,
+                metric_name=metric_name,
+                metric_value=value,
+                source_name=metrics_source,
+                source_url=metrics_source_url,
+            )
+            for metric_type, metric_name, value in (
+                ("fid", "FID-50K", fid),
+                ("inception_score", "Inception Score", inception_score),
+            )
+        ]
+    card_data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="unconditional-image-generation",
+        license=license,
+        datasets=[dataset],
+        tags=["pixelrepa-diffusers", *method.lower().split("+"), "class-conditional", "pixel-space-diffusion"],
+        model_name=model_name,
+        eval_results=eval_results,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        model_name=model_name,
+        repo_id=repo_id,
+        method=method,
+        architecture=architecture,
+        resolution=resolution,
+        num_classes=num_classes,
+        example_labels=list(range(min(4, num_classes))),
+        training=training,
+        weights_source=weights_source,
+        guidance_scale=guidance_scale,
+        guidance_interval=guidance_interval,
+        num_inference_steps=num_inference_steps,
+        solver_label={"heun": "Heun (Euler on the last step)", "euler": "Euler"}[solver],
+        noise_scale=noise_scale,
+        fid=fid,
+        inception_score=inception_score,
+        metrics_source_link=f"[{metrics_source}]({metrics_source_url})" if metrics_source_url else metrics_source,
+    )
+
+
+def paper_recipe(method: str, backbone: str) -> dict:
+    """The official 600-epoch ImageNet 256x256 training recipe, as a card table."""
+    recipe = {
+        "Data": "ImageNet-1k train, ADM center crop to 256 px, random horizontal flip, pixels in [-1, 1]",
+        "Epochs": "600 (8 GPUs, global batch 1024)",
+        "Optimizer": "AdamW, betas (0.9, 0.95), weight decay 0, no gradient clipping",
+        "Learning rate": "2e-4 (base 5e-5 x 1024 / 256), 5 linear warm-up epochs, then constant",
+        "Diffusion": "x-prediction with v-loss; t = sigmoid(N(-0.8, 0.8^2)); t_eps 0.05; noise scale 1.0",
+        "Label dropout": "0.1 (null class for guidance)",
+        "Dropout": "projection dropout 0.2 on the middle half of the blocks" if backbone.startswith("JiT-H") else "0",
+        "EMA": "0.9999 (these weights) and 0.9996",
+        "Precision": "bf16 autocast",
+    }
+    if method == "PixelREPA":
+        recipe["Alignment"] = (
+            "Masked Transformer Adapter (2 JiT blocks) on the backbone's tokens after block "
+            f"{JIT_PRESETS[backbone]['in_context_start']}, 20% of tokens masked, cosine loss to frozen DINOv2 "
+            "ViT-B/14 patch tokens, weight 0.1"
+        )
+    return recipe
+
+
+def variant_card_settings(variant: str, repo_id: str) -> dict:
+    """`render_model_card` settings for a converted official checkpoint of a `CARD_VARIANTS` entry."""
+    if variant not in CARD_VARIANTS:
+        raise ValueError(f"Unknown card variant {variant!r}; expected one of {sorted(CARD_VARIANTS)}.")
+    spec = CARD_VARIANTS[variant]
+    paper_name, paper_url = PAPERS[spec["method"]]
+    return dict(
+        model_name=variant,
+        repo_id=repo_id,
+        method=spec["method"],
+        architecture={**JIT_PRESETS[spec["backbone"]], "num_classes": 1000},
+        training=paper_recipe(spec["method"], spec["backbone"]),
+        weights_source=(
+            f"The weights ({spec['params']} parameters) are the authors' official 600-epoch checkpoint "
+            "(EMA 0.9999), converted to diffusers format with pixelrepa-diffusers."
+        ),
+        guidance_scale=spec["guidance_scale"],
+        fid=spec["fid"],
+        inception_score=spec["inception_score"],
+        metrics_source=f"as reported by {paper_name}",
+        metrics_source_url=paper_url,
+    )
+
+
+def write_variant_cards(directory: str | Path = TEMPLATE_PATH.parent) -> list[Path]:
+    """Renders the card of every `CARD_VARIANTS` entry to `<directory>/<variant>.md` (the copies in model_cards/)."""
+    paths = []
+    for variant in CARD_VARIANTS:
+        path = Path(directory) / f"{variant.replace('/', '-')}.md"
+        render_model_card(**variant_card_settings(variant, f"<user>/{path.stem}")).save(path)
+        paths.append(path)
+    return paths
+
+
+def remote_code_files(model_index: dict) -> tuple[dict, dict[str, bytes]]:
+    """
+    The model index and module files that let diffusers alone load a pipeline with `trust_remote_code=True`.
+
+    Each component's module is published as `<component>/<module>.py` and named [<module>, <class>] in the model
+    index; the pipeline's module goes to the repo root and `_class_name` becomes [<module>, <class>]. The files are
+    this package's installed source, with the pipeline's relative imports pointed at the component folders.
+    """
+    hub_index = dict(model_index)
+    sources = {}  # path in the repo -> source
+    published = {}  # module name -> its dotted path in the repo
+    for component in components(model_index):
+        library, class_name = model_index[component]
+        path = defining_file(library, class_name, f"model_index.json entry {component!r}")
+        sources[f"{component}/{path.name}"] = path.read_text()
+        if RELATIVE_IMPORT.search(sources[f"{component}/{path.name}"]):
+            raise ValueError(f"{path.name} imports a sibling module; a published component module must stand alone.")
+        published[path.stem] = f"{component}.{path.stem}"
+        hub_index[component] = [path.stem, class_name]
+    pipeline_path = defining_file(PACKAGE, model_index.get("_class_name"), "model_index.json _class_name")
+    hub_index["_class_name"] = [pipeline_path.stem, model_index["_class_name"]]
+
+    def published_import(match: re.Match) -> str:
+        if match.group(2) not in published:
+            raise ValueError(f"{pipeline_path.name} imports .{match.group(2)}, which no pipeline component publishes.")
+        return f"{match.group(1)}.{published[match.group(2)]}{match.group(3)}"
+
+    sources[pipeline_path.name] = RELATIVE_IMPORT.sub(published_import, pipeline_path.read_text())
+    for path, source in sources.items():
+        if PACKAGE_IMPORT.search(source):
+            raise ValueError(f"{path} imports {PACKAGE}, which users of the remote code do not have.")
+    return hub_index, {path: source.encode() for path, source in sources.items()}
+
+
+def components(model_index: dict) -> list[str]:
+    """The component names of a model index: its entries of the form [library, class name]."""
+    return [
+        key
+        for key, value in model_index.items()
+        if not key.startswith("_") and isinstance(value, list) and len(value) == 2
+        and all(isinstance(item, str) for item in value)
+    ]
+
+
+def defining_file(library: str, class_name: str, where: str) -> Path:
+    """The source file of this package that defines `library.class_name`."""
+    if not (isinstance(class_name, str) and library.split(".")[0] == PACKAGE
+            and hasattr(importlib.import_module(library), class_name)):
+        raise ValueError(f"{where} names {library}.{class_name}; expected a class of {PACKAGE}.")
+    return Path(importlib.import_module(getattr(importlib.import_module(library), class_name).__module__).__file__)
+
+
+def upload_operations(folder: str | Path, card: ModelCard | None = None) -> list[CommitOperationAdd]:
+    """
+    Everything a pipeline repo needs and nothing else: the card (`card`, else the folder's README.md), the
+    remote-code model index and modules, and the json configs and safetensors weights of each component and extra
+    model folder (which the model index tells diffusers not to download). Files in `folder` are only read.
+    """
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"pipeline_dir {folder} has no model_index.json; expected a saved pipeline folder.")
+    if card is None:
+        if not (folder / "README.md").is_file():
+            raise ValueError(f"pipeline_dir {folder} has no README.md; pass a card (see render_model_card).")
+        card = ModelCard.load(folder / "README.md")
+    hub_index, module_files = remote_code_files(json.loads((folder / "model_index.json").read_text()))
+    extra_folders = [name for name in EXTRA_MODEL_FOLDERS if (folder / name).is_dir()]
+    model_files = {}  # path in the repo -> local file
+    for name in components(hub_index) + extra_folders:
+        files = sorted(path for path in (folder / name).iterdir() if path.name.endswith(UPLOADED_SUFFIXES))
+        if (folder / name / "config.json").is_file() and not any(path.suffix == ".safetensors" for path in files):
+            raise ValueError(f"{folder / name} has no .safetensors weights; save it with safe_serialization=True.")
+        model_files.update({f"{name}/{path.name}": path for path in files})
+    hub_index["_ignore_files"] = sorted(path for path in model_files if path.split("/")[0] in extra_folders)
+    return [
+        CommitOperationAdd("README.md", str(card).encode()),
+        CommitOperationAdd("model_index.json", (json.dumps(hub_index, indent=2, sort_keys=True) + "\n").encode()),
+        *(CommitOperationAdd(path, content) for path, content in module_files.items()),
+        *(CommitOperationAdd(path, str(local_path)) for path, local_path in model_files.items()),
+    ]
+
+
+def push_pipeline_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    card: ModelCard | None = None,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload pipeline with pixelrepa-diffusers",
+) -> str:
+    """
+    Uploads a saved pipeline folder to `repo_id` (created if missing) in one commit; returns the commit URL.
+
+    The card is `card`, else the folder's README.md. Only what `upload_operations` lists is uploaded. The folder is
+    only read, so a failed upload leaves it as it was.
+    """
+    operations = upload_operations(folder, card)
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.create_commit(repo_id, operations, commit_message=commit_message).commit_url
+    except httpx2.TransportError as error:
+        raise ConnectionError(f"Could not reach the Hugging Face Hub at {api.endpoint}: {error}") from error

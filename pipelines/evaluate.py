@@ -1,0 +1,110 @@
+"""FID-50K and Inception Score of a PixelREPA / JiT pipeline, as the papers measure them.
+
+    accelerate launch pipelines/evaluate.py --pretrained_model_name_or_path PATH_OR_HUB_ID \
+        --fid_statistics_file fid_stats/jit_in256_stats.npz --guidance_scale 2.6 2.8 3.0 --num_images 10000
+
+Each process generates its share of the images; a re-run with the same settings reuses finished shards.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from accelerate import Accelerator
+
+from pixelrepa_diffusers import JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline
+from pixelrepa_diffusers.evaluation import (
+    evaluate_pipeline,
+    evaluation_class_labels,
+    load_fid_statistics,
+    load_inception,
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="pipeline folder or Hub id")
+    parser.add_argument("--fid_statistics_file", required=True, help="npz with reference 'mu' and 'sigma'")
+    parser.add_argument("--num_images", type=int, default=50_000)
+    parser.add_argument("--guidance_scale", type=float, nargs="+", default=None,
+                        help="one or more CFG scales (a sweep); default: the pipeline's")
+    parser.add_argument("--guidance_interval_min", type=float, default=None, help="default: the pipeline's")
+    parser.add_argument("--guidance_interval_max", type=float, default=None, help="default: the pipeline's")
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--solver", choices=["heun", "euler"], default=None, help="default: the pipeline's")
+    parser.add_argument("--class_balanced", action=argparse.BooleanOptionalAction, default=True,
+                        help="num_images / num_classes images per class (default), or uniformly drawn labels")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per forward on each process")
+    parser.add_argument("--images_per_shard", type=int, default=500,
+                        help="images per saved unit of work; a shard should take less than the process-group timeout")
+    parser.add_argument("--inception_weights", default=None,
+                        help="torch-fidelity's Inception-v3 weights file, for offline machines")
+    parser.add_argument("--save_images", default=None, help="also write every image as a PNG under this folder")
+    parser.add_argument("--output_json", default="evaluation.json")
+    parser.add_argument("--shard_dir", default=None, help="default: <output_json without .json>_shards")
+    parser.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded with seed + i")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    return parser.parse_args(argv)
+
+
+def evaluate(args):
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    reference = load_fid_statistics(args.fid_statistics_file)
+    transformer_config = JiTTransformer2DModel.load_config(args.pretrained_model_name_or_path, subfolder="transformer")
+    # Reject a bad num_images before loading any weights.
+    evaluation_class_labels(args.num_images, transformer_config["num_classes"], args.class_balanced, args.seed)
+    with accelerator.main_process_first():
+        inception = load_inception(args.inception_weights, accelerator.device)
+        pipeline = PixelREPAPipeline.from_pretrained(args.pretrained_model_name_or_path)
+    if args.solver is not None:
+        pipeline.scheduler = JiTFlowMatchScheduler.from_config(pipeline.scheduler.config, solver=args.solver)
+    pipeline.to(accelerator.device)
+    guidance_interval = None
+    if args.guidance_interval_min is not None or args.guidance_interval_max is not None:
+        default_min, default_max = pipeline.config.guidance_interval
+        guidance_interval = (
+            default_min if args.guidance_interval_min is None else args.guidance_interval_min,
+            default_max if args.guidance_interval_max is None else args.guidance_interval_max,
+        )
+    results = evaluate_pipeline(
+        pipeline,
+        inception,
+        reference,
+        accelerator,
+        shard_dir=args.shard_dir or os.path.splitext(args.output_json)[0] + "_shards",
+        num_images=args.num_images,
+        guidance_scales=args.guidance_scale or [None],
+        guidance_interval=guidance_interval,
+        num_inference_steps=args.num_inference_steps,
+        batch_size=args.batch_size,
+        images_per_shard=args.images_per_shard,
+        class_balanced=args.class_balanced,
+        seed=args.seed,
+        save_images=args.save_images,
+    )
+    if accelerator.is_main_process:
+        for result in results:
+            print(
+                f"guidance_scale {result['guidance_scale']:g}: FID {result['fid']:.4f}  "
+                f"IS {result['inception_score_mean']:.2f} ± {result['inception_score_std']:.2f}"
+            )
+        report = {"arguments": vars(args), "num_processes": accelerator.num_processes, "results": results}
+        with open(args.output_json, "w") as file:
+            json.dump(report, file, indent=2)
+        print(f"wrote {args.output_json}")
+    accelerator.end_training()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        evaluate(args)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

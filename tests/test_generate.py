@@ -1,0 +1,38 @@
+import importlib.util
+from pathlib import Path
+
+import PIL.Image
+
+from conftest import random_tiny_transformer
+from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
+
+CLI = Path(__file__).resolve().parents[1] / "pipelines" / "generate.py"
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("generate", CLI)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generate_writes_images_and_grid(tmp_path, capsys):
+    pipe = PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler(), id2label={3: "three"})
+    pipe.save_pretrained(tmp_path / "pipe")
+    code = load_cli().main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--class_labels", "1", "three",
+                            "5", "--num_inference_steps", "2", "--solver", "euler", "--output_dir",
+                            str(tmp_path / "out")])
+    assert code == 0
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["0000-1.png", "0001-three.png", "0002-5.png", "grid.png"]
+    assert PIL.Image.open(tmp_path / "out" / "grid.png").size == (64, 64)
+
+
+def test_generate_bad_label_is_one_line(tmp_path, capsys):
+    pipe = PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    code = load_cli().main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--class_labels", "42",
+                            "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "class_labels entry 42" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

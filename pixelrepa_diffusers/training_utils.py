@@ -1,0 +1,92 @@
+"""Training helpers: exponential moving averages and atomic, pruned checkpoint folders."""
+
+import copy
+import os
+import re
+import shutil
+
+import numpy as np
+import torch
+from PIL import Image
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TEMPORARY_PREFIX = ".tmp-checkpoint-"
+
+
+class ExponentialMovingAverage:
+    """
+    A frozen copy of a model whose parameters follow `ema = decay * ema + (1 - decay) * param` after every update,
+    from the first step on (no warm-up), as in the official JiT / PixelREPA code. Buffers are not averaged.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}.")
+        self.decay = decay
+        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        averages = list(self.model.parameters())
+        torch._foreach_lerp_(averages, [parameter.detach() for parameter in model.parameters()], 1.0 - self.decay)
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete checkpoint folders `checkpoint-<step>` in output_dir, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint folder of output_dir, or None."""
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def remove_incomplete_checkpoints(output_dir: str) -> list[str]:
+    """Deletes the temporary folders left by interrupted saves; returns their paths."""
+    if not os.path.isdir(output_dir):
+        return []
+    removed = [os.path.join(output_dir, name) for name in os.listdir(output_dir) if name.startswith(TEMPORARY_PREFIX)]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
+    """
+    Writes `accelerator.save_state` to a temporary folder and renames it to `checkpoint-<step>` only once every
+    process has finished, so a `checkpoint-<step>` folder is always complete. Then keeps the newest `total_limit`.
+    """
+    temporary = os.path.join(output_dir, f"{TEMPORARY_PREFIX}{step}")
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    if accelerator.is_main_process and os.path.exists(temporary):
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(temporary)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        if total_limit is not None:
+            for _, path in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def image_grid(images: np.ndarray, rows: int) -> Image.Image:
+    """Images (N, H, W, 3) in [0, 1], row-major, as one PIL image of `rows` rows."""
+    count, height, width, channels = images.shape
+    if count % rows:
+        raise ValueError(f"{count} images do not fill {rows} rows evenly.")
+    columns = count // rows
+    grid = images.reshape(rows, columns, height, width, channels).transpose(0, 2, 1, 3, 4)
+    return Image.fromarray(np.round(grid.reshape(rows * height, columns * width, channels) * 255).astype(np.uint8))

@@ -1,0 +1,143 @@
+"""The training loss against the official PixelREPA code on fixed draws (tests/fixtures/official/loss_small.safetensors)."""
+
+import pytest
+import torch
+
+from official_fixtures import load_fixture, official_state, relative_error, small_transformer_config
+from pixelrepa_diffusers import JiTTransformer2DModel, MaskedTransformerAdapter
+from pixelrepa_diffusers.conversion import rename_official_keys
+from pixelrepa_diffusers.losses import (
+    PixelREPATrainingObjective,
+    REPAProjector,
+    TrainingDraws,
+    alignment_loss,
+    draw_training_randomness,
+)
+
+
+def official_objective(alignment="pixelrepa"):
+    """The objective with the official fixture weights and the fixture's recipe settings."""
+    jit_tensors, jit_metadata = load_fixture("jit_small.safetensors")
+    transformer = JiTTransformer2DModel(**small_transformer_config(jit_metadata["config"]))
+    transformer.load_state_dict(rename_official_keys(official_state(jit_tensors, jit_metadata)))
+    mta_tensors, mta_metadata = load_fixture("mta_small.safetensors")
+    config = mta_metadata["config"]
+    adapter = MaskedTransformerAdapter(
+        sample_size=config["input_size"], patch_size=config["patch_size"], hidden_size=config["hidden_size"],
+        num_layers=config["depth"], num_attention_heads=config["num_heads"], mlp_ratio=config["mlp_ratio"],
+        num_classes=config["num_classes"], in_context_len=config["in_context_len"], out_channels=config["out_channels"],
+    )
+    adapter.load_state_dict(rename_official_keys(official_state(mta_tensors, mta_metadata)))
+    tensors, metadata = load_fixture("loss_small.safetensors")
+    args = metadata["denoiser_args"]
+    objective = PixelREPATrainingObjective(
+        transformer, alignment=alignment, aligner=adapter if alignment == "pixelrepa" else None,
+        alignment_weight=0.1, mask_ratio=args["patch_mask_ratio"], label_dropout=args["label_drop_prob"],
+        p_mean=args["P_mean"], p_std=args["P_std"], t_eps=args["t_eps"], noise_scale=args["noise_scale"],
+    )
+    return objective.train(), tensors
+
+
+def fixture_draws(tensors):
+    return TrainingDraws(
+        label_drop_uniform=tensors["draw.label_drop_uniform"],
+        t_normal=tensors["draw.t_normal"],
+        noise=tensors["draw.noise"],
+        mask_uniform=tensors["draw.mask_uniform"].flatten(1),
+    )
+
+
+def test_loss_matches_official_on_fixed_draws():
+    objective, tensors = official_objective()
+    assert (tensors["intermediate.labels_dropped"] == 10).any(), "the fixture must drop a label"
+    assert 0 < tensors["intermediate.keep"].mean() < 1, "the fixture must mask some tokens"
+    losses = objective(tensors["input.x"], tensors["input.y"], targets=tensors["input.z_dino"],
+                       draws=fixture_draws(tensors))
+    assert relative_error(losses["loss_jit"], tensors["output.loss_jit"]) <= 1e-6
+    assert relative_error(losses["loss_alignment"], tensors["output.loss_mta"]) <= 1e-6
+    assert relative_error(losses["loss"], tensors["output.loss"]) <= 1e-6
+    torch.testing.assert_close(losses["loss"], losses["loss_jit"] + 0.1 * losses["loss_alignment"])
+
+
+def test_masking_and_dropout_change_the_loss():
+    # The fixture draws matter: keeping every token or every label gives other losses.
+    objective, tensors = official_objective()
+    draws = fixture_draws(tensors)
+    reference = objective(tensors["input.x"], tensors["input.y"], targets=tensors["input.z_dino"], draws=draws)
+    unmasked = TrainingDraws(draws.label_drop_uniform, draws.t_normal, draws.noise, torch.ones_like(draws.mask_uniform))
+    no_drop = TrainingDraws(torch.ones_like(draws.label_drop_uniform), draws.t_normal, draws.noise, draws.mask_uniform)
+    for other in (unmasked, no_drop):
+        losses = objective(tensors["input.x"], tensors["input.y"], targets=tensors["input.z_dino"], draws=other)
+        assert relative_error(losses["loss_alignment"], reference["loss_alignment"]) > 1e-4
+
+
+def test_jit_only_objective_matches_official_jit_loss():
+    objective, tensors = official_objective(alignment="none")
+    losses = objective(tensors["input.x"], tensors["input.y"], draws=fixture_draws(tensors))
+    assert relative_error(losses["loss"], tensors["output.loss_jit"]) <= 1e-6
+    assert losses["loss_alignment"] == 0
+
+
+def test_one_encoder_pass_feeds_both_losses():
+    objective, tensors = official_objective()
+    calls = []
+    for block in objective.transformer.blocks:
+        block.register_forward_hook(lambda module, args, output: calls.append(module))
+    losses = objective(tensors["input.x"], tensors["input.y"], targets=tensors["input.z_dino"],
+                       draws=fixture_draws(tensors))
+    assert calls == list(objective.transformer.blocks)
+    losses["loss_alignment"].backward()
+    first_block = objective.transformer.blocks[0].attn.to_qkv.weight
+    assert first_block.grad.abs().sum() > 0, "the adapter loss must reach the shared encoder half"
+    assert objective.transformer.mask_token.grad.abs().sum() > 0
+
+
+def test_repa_projector_reads_the_chosen_layer():
+    objective, tensors = official_objective(alignment="none")
+    transformer = objective.transformer
+    torch.manual_seed(0)
+    projector = REPAProjector(hidden_size=64, projector_dim=32, out_channels=48)
+    repa = PixelREPATrainingObjective(transformer, alignment="repa", aligner=projector, repa_depth=3,
+                                      alignment_weight=0.5, t_eps=0.05)
+    draws = fixture_draws(tensors)
+    losses = repa(tensors["input.x"], tensors["input.y"], targets=tensors["input.z_dino"], draws=draws)
+    # The same layer computed by hand: blocks 0..2 on the noisy image, image tokens only.
+    t = torch.sigmoid(draws.t_normal * 0.8 - 0.8)
+    labels = torch.where(draws.label_drop_uniform < 0.1, torch.full_like(tensors["input.y"], 10), tensors["input.y"])
+    noisy = t.view(-1, 1, 1, 1) * tensors["input.x"] + (1 - t.view(-1, 1, 1, 1)) * draws.noise
+    conditioning, label_embedding = transformer.embed_conditions(t, labels)
+    hidden = transformer.run_blocks(transformer.embed_patches(noisy), conditioning, label_embedding, 0, 3)
+    expected = alignment_loss(projector(hidden[:, -16:]), tensors["input.z_dino"])
+    torch.testing.assert_close(losses["loss_alignment"], expected)
+    assert relative_error(losses["loss_jit"], tensors["output.loss_jit"]) <= 1e-6
+    torch.testing.assert_close(losses["loss"], losses["loss_jit"] + 0.5 * losses["loss_alignment"])
+
+
+def test_draws_follow_the_official_order():
+    images = torch.zeros(4, 3, 32, 32)
+    torch.manual_seed(101)
+    draws = draw_training_randomness(images, num_patches=16, with_mask=True)
+    torch.manual_seed(101)
+    assert torch.equal(draws.label_drop_uniform, torch.rand(4))
+    assert torch.equal(draws.t_normal, torch.randn(4))
+    assert torch.equal(draws.noise, torch.randn(4, 3, 32, 32))
+    assert torch.equal(draws.mask_uniform, torch.rand(4, 1, 4, 4).flatten(1))
+
+
+def test_official_seed_replays_the_fixture_draws():
+    _, tensors = official_objective()
+    torch.manual_seed(101)
+    draws = draw_training_randomness(tensors["input.x"], num_patches=16, with_mask=True)
+    assert torch.equal(draws.noise, tensors["draw.noise"])
+    assert torch.equal(draws.mask_uniform, tensors["draw.mask_uniform"].flatten(1))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(alignment="dino"), "alignment must be one of"),
+    (dict(alignment="pixelrepa"), "aligner must be given"),
+    (dict(alignment="repa", aligner=torch.nn.Identity(), repa_depth=9), "repa_depth must be in"),
+])
+def test_bad_arguments_are_named(kwargs, message):
+    objective, _ = official_objective(alignment="none")
+    with pytest.raises(ValueError, match=message):
+        PixelREPATrainingObjective(objective.transformer, **kwargs)

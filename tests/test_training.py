@@ -1,0 +1,348 @@
+"""training/train_pixelrepa.py on CPU with a tiny JiT, a tiny random DINOv2 and a tiny image folder."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import load as accelerate_load
+from huggingface_hub import ModelCard
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import Dinov2Config, Dinov2Model
+
+from pixelrepa_diffusers import PixelREPAPipeline
+from pixelrepa_diffusers.losses import PixelREPATrainingObjective
+from pixelrepa_diffusers.training_utils import (
+    ExponentialMovingAverage,
+    latest_checkpoint,
+    list_checkpoints,
+    remove_incomplete_checkpoints,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "training"))
+import train_pixelrepa  # noqa: E402
+
+SCRIPT = REPO / "training" / "train_pixelrepa.py"
+TINY_JIT = dict(sample_size=32, patch_size=8, hidden_size=64, num_layers=4, num_attention_heads=4, num_classes=3,
+                bottleneck_dim=16, in_context_len=4, in_context_start=2, dropout=0.1)
+WEIGHT_FOLDERS = ("transformer", "adapter", "ema_1", "ema_2")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on 2 shared cores, more threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny random DINOv2 saved with save_pretrained, a JiT config, and 3 classes x 8 images plus a corrupt file."""
+    root = tmp_path_factory.mktemp("assets")
+    torch.manual_seed(0)
+    encoder = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=32,
+                           patch_size=8)
+    Dinov2Model(encoder).save_pretrained(root / "dinov2")
+    (root / "jit.json").write_text(json.dumps(TINY_JIT))
+    rng = np.random.default_rng(0)
+    for label in range(3):
+        folder = root / "data" / f"class_{label}"
+        folder.mkdir(parents=True)
+        for index in range(8):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    (root / "data" / "class_1" / "corrupt.png").write_bytes(b"\x89PNG not really")
+    return root
+
+
+def flags(assets, output_dir, *extra):
+    """The tiny run's command line; the tiny JiT config unless `extra` starts from pretrained weights."""
+    model = [] if "--init_from_pretrained" in extra else ["--model_config_path", str(assets / "jit.json")]
+    return [
+        "--train_data_dir", str(assets / "data"), *model, "--resolution", "32", "--encoder", str(assets / "dinov2"), "--encoder_resolution", "32",
+        "--encoder_patch_size", "8", "--train_batch_size", "8", "--learning_rate", "1e-3", "--lr_warmup_steps", "2",
+        "--mixed_precision", "no", "--dataloader_num_workers", "0", "--report_to", "none",
+        "--validation_steps", "1000", "--ema_decays", "0.9", "0.5", "--output_dir", str(output_dir), *extra,
+    ]
+
+
+def train(assets, output_dir, *extra):
+    """Runs the script in this process, as a fresh accelerate session; returns its exit code."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return train_pixelrepa.main(flags(assets, output_dir, *extra))
+
+
+def folder_weights(folder):
+    return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
+def assert_same_weights(first, second):
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def subprocess_env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def pixelrepa_run(assets, tmp_path_factory):
+    """7 PixelREPA steps (3 per epoch) with tensorboard, validation every 3 steps and checkpoints every 2."""
+    output_dir = tmp_path_factory.mktemp("run") / "out"
+    code = train(assets, output_dir, "--max_train_steps", "7", "--checkpointing_steps", "2", "--logging_steps", "1",
+                 "--validation_steps", "3", "--validation_num_inference_steps", "2", "--report_to", "tensorboard",
+                 "--checkpoints_total_limit", "2")
+    assert code == 0
+    return output_dir
+
+
+def test_run_saves_loadable_pipeline_card_and_adapter(pixelrepa_run):
+    pipeline = PixelREPAPipeline.from_pretrained(pixelrepa_run)
+    assert pipeline.get_label_ids(["class_0", "class_2"]) == [0, 2]
+    images = pipeline([0, 2], num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+    # The pipeline holds the first EMA of the last checkpoint, not the raw weights.
+    assert_same_weights(folder_weights(pixelrepa_run / "transformer"), folder_weights(pixelrepa_run / "checkpoint-7" / "ema_1"))
+    assert_same_weights(folder_weights(pixelrepa_run / "adapter"), folder_weights(pixelrepa_run / "checkpoint-7" / "adapter"))
+    card = (pixelrepa_run / "README.md").read_text()
+    assert "PixelREPA" in card and "0.9 (these weights), 0.5" in card and "7 (global batch 8)" in card
+
+
+def test_checkpoints_hold_diffusers_folders_without_the_encoder_and_are_pruned(pixelrepa_run):
+    assert [step for step, _ in list_checkpoints(pixelrepa_run)] == [6, 7]
+    checkpoint = pixelrepa_run / "checkpoint-7"
+    assert sorted(os.listdir(checkpoint)) == sorted([*WEIGHT_FOLDERS, "optimizer.bin", "random_states_0.pkl",
+                                                     "scheduler.bin", "training_state.json"])
+    for folder in WEIGHT_FOLDERS:
+        assert sorted(os.listdir(checkpoint / folder)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    saved_weights = sorted(str(path.relative_to(checkpoint)) for path in checkpoint.rglob("*.safetensors"))
+    assert saved_weights == sorted(f"{folder}/diffusion_pytorch_model.safetensors" for folder in WEIGHT_FOLDERS)
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    assert state["global_step"] == 7
+
+
+def test_corrupt_image_is_skipped_and_counted(pixelrepa_run):
+    # 25 files, 24 readable; 7 steps of 8 cover each file at least twice, the corrupt one included.
+    state = json.loads((pixelrepa_run / "checkpoint-7" / "training_state.json").read_text())
+    assert state["skipped_images"] >= 1
+
+
+def test_trackers_get_loss_terms_lr_throughput_and_validation_grid(pixelrepa_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(pixelrepa_run / "logs" / "train_pixelrepa"), size_guidance={"images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss", "loss_jit", "loss_alignment", "lr", "images_per_second", "skipped_images"} <= scalars
+    assert [event.step for event in events.Scalars("loss_jit")] == list(range(1, 8))
+    assert events.Tags()["images"] == ["validation"]
+    grids = sorted(os.listdir(pixelrepa_run / "validation"))
+    assert grids == ["step-0000003.png", "step-0000006.png"]
+    with Image.open(pixelrepa_run / "validation" / grids[0]) as grid:
+        assert grid.size == (4 * 32, 3 * 32)  # 4 images per class, one row for each of the 3 classes
+
+
+@pytest.mark.parametrize("accumulation", ["1", "2"])
+def test_resume_is_bit_exact(assets, tmp_path, accumulation):
+    # 3 batches per epoch; the stop falls inside epoch 1, so resuming skips batches and reshuffles by epoch.
+    common = ("--gradient_accumulation_steps", accumulation, "--checkpointing_steps", "100", "--checkpoints_total_limit", "2")
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    assert train(assets, straight, *common, "--max_train_steps", "6") == 0
+    assert train(assets, halves, *common, "--max_train_steps", "3") == 0
+    assert train(assets, halves, *common, "--max_train_steps", "6", "--resume_from_checkpoint", "latest") == 0
+    for folder in WEIGHT_FOLDERS:
+        assert_same_weights(folder_weights(straight / "checkpoint-6" / folder), folder_weights(halves / "checkpoint-6" / folder))
+    moved = folder_weights(halves / "checkpoint-6" / "ema_2")["blocks.0.attn.to_qkv.weight"]
+    assert not torch.equal(moved, folder_weights(halves / "checkpoint-3" / "ema_2")["blocks.0.attn.to_qkv.weight"])
+
+
+def test_interrupted_save_never_becomes_latest(assets, tmp_path, monkeypatch):
+    import accelerate.accelerator
+
+    class Interrupted(Exception):
+        pass
+
+    real_save = accelerate.accelerator.save_accelerator_state
+    calls = []
+
+    def save_then_die(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise Interrupted  # after the hook wrote the model folders, before the optimizer and RNG files
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(accelerate.accelerator, "save_accelerator_state", save_then_die)
+    with pytest.raises(Interrupted):
+        train(assets, tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    monkeypatch.undo()
+    assert (tmp_path / ".tmp-checkpoint-4" / "transformer").is_dir()
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert train(assets, tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                 "--resume_from_checkpoint", "latest") == 0
+    assert not (tmp_path / ".tmp-checkpoint-4").exists()
+    assert json.loads((tmp_path / "checkpoint-4" / "training_state.json").read_text())["global_step"] == 4
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(assets, tmp_path, monkeypatch, capsys):
+    real_forward = PixelREPATrainingObjective.forward
+    calls = []
+
+    def forward(self, *args, **kwargs):
+        losses = real_forward(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 5:
+            losses = {**losses, "loss": losses["loss"] * float("nan")}
+        return losses
+
+    monkeypatch.setattr(PixelREPATrainingObjective, "forward", forward)
+    code = train(assets, tmp_path, "--max_train_steps", "8", "--checkpointing_steps", "2", "--logging_steps", "100")
+    assert code == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1] == (f"train_pixelrepa.py: error: the loss is not finite at step 5; stopped, the last good "
+                         f"checkpoint is {tmp_path / 'checkpoint-4'}")
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [4]
+    for folder in WEIGHT_FOLDERS:
+        assert all(torch.isfinite(value).all() for value in folder_weights(tmp_path / "checkpoint-4" / folder).values())
+
+
+@pytest.mark.parametrize("alignment, folder", [("repa", "projector"), ("none", None)])
+def test_repa_and_plain_jit_runs(assets, tmp_path, alignment, folder):
+    assert train(assets, tmp_path, "--alignment", alignment, "--max_train_steps", "2", "--checkpointing_steps", "2") == 0
+    names = set(os.listdir(tmp_path / "checkpoint-2"))
+    assert ("adapter" in names, "projector" in names) == (False, folder == "projector")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert ("repa" in card.data.tags, "pixelrepa" in card.data.tags) == (alignment == "repa", False)
+    if alignment == "repa":
+        assert "weight 0.5" in card.text  # REPA's own default weight
+    PixelREPAPipeline.from_pretrained(tmp_path)
+
+
+def test_init_from_pretrained_starts_from_its_weights(assets, pixelrepa_run, tmp_path):
+    # With a zero learning rate, one step leaves the weights (and so the EMAs) where they started.
+    assert train(assets, tmp_path, "--init_from_pretrained", str(pixelrepa_run), "--max_train_steps", "1",
+                 "--learning_rate", "0", "--checkpointing_steps", "1") == 0
+    assert_same_weights(folder_weights(tmp_path / "checkpoint-1" / "transformer"), folder_weights(pixelrepa_run / "transformer"))
+    assert_same_weights(folder_weights(tmp_path / "checkpoint-1" / "adapter"), folder_weights(pixelrepa_run / "adapter"))
+
+
+def test_ddp_two_cpu_processes_save_a_loadable_pipeline(assets, tmp_path):
+    output_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+               str(SCRIPT), *flags(assets, output_dir, "--train_batch_size", "4", "--max_train_steps", "3",
+                                   "--checkpointing_steps", "3")]
+    result = subprocess.run(command, env={**subprocess_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 steps of 8 images" in result.stderr  # 2 processes x 4 images
+    checkpoint = output_dir / "checkpoint-3"
+    ranks = [accelerate_load(checkpoint / f"random_states_{rank}.pkl") for rank in (0, 1)]
+    assert not torch.equal(ranks[0]["torch_manual_seed"], ranks[1]["torch_manual_seed"]), "ranks must draw other noise"
+    pipeline = PixelREPAPipeline.from_pretrained(output_dir)
+    assert pipeline([1], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+
+
+def test_sigkill_during_training_then_resume(assets, tmp_path):
+    output_dir = tmp_path / "killed"
+    command = [sys.executable, str(SCRIPT), *flags(assets, output_dir, "--max_train_steps", "10000",
+                                                   "--checkpointing_steps", "2", "--checkpoints_total_limit", "2")]
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(step >= 4 for step, _ in list_checkpoints(output_dir)):
+            assert process.poll() is None and time.monotonic() < deadline, "training did not reach step 4"
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    step = list_checkpoints(output_dir)[-1][0]
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *flags(assets, output_dir, "--max_train_steps", str(step + 2),
+                                             "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest")],
+        env=subprocess_env(), capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resumed from {output_dir / f'checkpoint-{step}'} at step {step}" in result.stderr
+    assert json.loads((output_dir / f"checkpoint-{step + 2}" / "training_state.json").read_text())["global_step"] == step + 2
+    assert not [name for name in os.listdir(output_dir) if name.startswith(".tmp-")]
+    PixelREPAPipeline.from_pretrained(output_dir)
+
+
+def test_help_lists_every_flag_with_its_default(capsys):
+    parser = train_pixelrepa.build_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        train_pixelrepa.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    actions = [action for action in parser._actions if action.dest != "help"]
+    assert len(actions) > 50
+    for action in actions:
+        assert action.option_strings[0] in text
+    assert text.count("(default:") == len(actions)
+    for expected in ("(default: JiT-B/16)", "(default: pixelrepa)", "(default: facebook/dinov2-base)",
+                     "(default: [0.9999, 0.9996])", "(default: 0.2)", "(default: bf16)"):
+        assert expected in " ".join(text.split())
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["--alignment", "dino"], 2, "argument --alignment: invalid choice: 'dino'"),
+    (["--train_batch_size", "many"], 2, "argument --train_batch_size: invalid int value: 'many'"),
+    (["--dataset_name", "x"], 1, "pass exactly one of --train_data_dir and --dataset_name"),
+    (["--ema_decays", "1.5"], 1, "--ema_decays values must be in [0, 1), got 1.5"),
+    (["--alignment", "none", "--alignment_weight", "0.3"], 1, "--alignment_weight needs --alignment pixelrepa or repa"),
+    (["--encoder", "/nonexistent/dinov2"], 1, "/nonexistent/dinov2"),
+])
+def test_bad_flags_give_one_clear_line(assets, tmp_path, capsys, argv, code, message):
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        result = train_pixelrepa.main(flags(assets, tmp_path, *argv))
+    except SystemExit as exit_info:
+        result = exit_info.code
+    assert result == code
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("train_pixelrepa.py: error:") and message in error[0]
+
+
+def test_torchrun_without_cpu_backend_is_refused(assets, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train(assets, tmp_path, "--max_train_steps", "1") == 1
+    assert "set ACCELERATE_USE_CPU=1" in capsys.readouterr().err
+
+
+def test_ema_follows_the_official_update_from_the_initial_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = ExponentialMovingAverage(model, decay=0.9)
+    expected = [parameter.detach().clone() for parameter in model.parameters()]
+    for _ in range(3):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter))
+        ema.update(model)
+        expected = [0.9 * average + 0.1 * parameter.detach() for average, parameter in zip(expected, model.parameters())]
+    for average, value in zip(ema.model.parameters(), expected):
+        torch.testing.assert_close(average, value, rtol=1e-6, atol=1e-7)
+        assert not average.requires_grad
+    with pytest.raises(ValueError, match="decay must be in"):
+        ExponentialMovingAverage(model, decay=1.0)
+
+
+def test_checkpoint_listing_ignores_incomplete_saves(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-10", ".tmp-checkpoint-12", "checkpoint-x", "logs"):
+        (tmp_path / name).mkdir()
+    assert list_checkpoints(tmp_path) == [(2, str(tmp_path / "checkpoint-2")), (10, str(tmp_path / "checkpoint-10"))]
+    assert remove_incomplete_checkpoints(tmp_path) == [str(tmp_path / ".tmp-checkpoint-12")]
+    assert not (tmp_path / ".tmp-checkpoint-12").exists()

@@ -120,6 +120,13 @@ class PixelREPATrainingObjective(nn.Module):
         self.t_eps = t_eps
         self.noise_scale = noise_scale
 
+    def train(self, mode: bool = True) -> "PixelREPATrainingObjective":
+        """Sets the training mode of the trained modules; the frozen encoder stays in eval mode."""
+        super().train(mode)
+        if self.encoder is not None:
+            self.encoder.eval()
+        return self
+
     def forward(
         self,
         images: torch.Tensor,
@@ -149,7 +156,8 @@ class PixelREPATrainingObjective(nn.Module):
         conditioning, label_embedding = transformer.embed_conditions(t, labels)
         tokens = transformer.embed_patches(noisy)
         hidden = transformer.run_blocks(tokens, conditioning, label_embedding, 0, self.split)
-        tokens = transformer.run_blocks(hidden, conditioning, label_embedding, self.split, transformer.config.num_layers)
+        num_layers = transformer.config.num_layers
+        tokens = transformer.run_blocks(hidden, conditioning, label_embedding, self.split, num_layers)
         x_pred = transformer.unembed(tokens, conditioning)
         loss_jit = velocity_loss(x_pred, images, noisy, t, self.t_eps)
         if self.alignment == "none":

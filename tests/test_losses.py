@@ -1,4 +1,4 @@
-"""The training loss against the official PixelREPA code on fixed draws (tests/fixtures/official/loss_small.safetensors)."""
+"""The training loss against the official PixelREPA code on fixed draws (fixtures/official/loss_small.safetensors)."""
 
 import pytest
 import torch
@@ -141,3 +141,12 @@ def test_bad_arguments_are_named(kwargs, message):
     objective, _ = official_objective(alignment="none")
     with pytest.raises(ValueError, match=message):
         PixelREPATrainingObjective(objective.transformer, **kwargs)
+
+
+def test_frozen_encoder_stays_in_eval_mode():
+    objective, _ = official_objective(alignment="none")
+    encoder = torch.nn.Dropout(0.5)
+    with_encoder = PixelREPATrainingObjective(objective.transformer, alignment="repa", aligner=torch.nn.Identity(),
+                                              encoder=encoder)
+    with_encoder.train()
+    assert with_encoder.transformer.training and not encoder.training

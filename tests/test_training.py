@@ -69,7 +69,8 @@ def flags(assets, output_dir, *extra):
     """The tiny run's command line; the tiny JiT config unless `extra` starts from pretrained weights."""
     model = [] if "--init_from_pretrained" in extra else ["--model_config_path", str(assets / "jit.json")]
     return [
-        "--train_data_dir", str(assets / "data"), *model, "--resolution", "32", "--encoder", str(assets / "dinov2"), "--encoder_resolution", "32",
+        "--train_data_dir", str(assets / "data"), *model, "--resolution", "32", "--encoder", str(assets / "dinov2"),
+        "--encoder_resolution", "32",
         "--encoder_patch_size", "8", "--train_batch_size", "8", "--learning_rate", "1e-3", "--lr_warmup_steps", "2",
         "--mixed_precision", "no", "--dataloader_num_workers", "0", "--report_to", "none",
         "--validation_steps", "1000", "--ema_decays", "0.9", "0.5", "--output_dir", str(output_dir), *extra,
@@ -114,8 +115,9 @@ def test_run_saves_loadable_pipeline_card_and_adapter(pixelrepa_run):
     images = pipeline([0, 2], num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
     # The pipeline holds the first EMA of the last checkpoint, not the raw weights.
-    assert_same_weights(folder_weights(pixelrepa_run / "transformer"), folder_weights(pixelrepa_run / "checkpoint-7" / "ema_1"))
-    assert_same_weights(folder_weights(pixelrepa_run / "adapter"), folder_weights(pixelrepa_run / "checkpoint-7" / "adapter"))
+    last = pixelrepa_run / "checkpoint-7"
+    assert_same_weights(folder_weights(pixelrepa_run / "transformer"), folder_weights(last / "ema_1"))
+    assert_same_weights(folder_weights(pixelrepa_run / "adapter"), folder_weights(last / "adapter"))
     card = (pixelrepa_run / "README.md").read_text()
     assert "PixelREPA" in card and "0.9 (these weights), 0.5" in card and "7 (global batch 8)" in card
 
@@ -139,6 +141,16 @@ def test_corrupt_image_is_skipped_and_counted(pixelrepa_run):
     assert state["skipped_images"] >= 1
 
 
+def test_a_batch_of_only_corrupt_images_does_not_stop_training(assets, tmp_path):
+    # Batches of one image over one epoch: one batch holds only the corrupt file.
+    assert train(assets, tmp_path, "--train_batch_size", "1", "--max_train_steps", "25",
+                 "--checkpointing_steps", "25", "--logging_steps", "5") == 0
+    state = json.loads((tmp_path / "checkpoint-25" / "training_state.json").read_text())
+    assert state["skipped_images"] == 1
+    for folder in WEIGHT_FOLDERS:
+        assert all(torch.isfinite(value).all() for value in folder_weights(tmp_path / "checkpoint-25" / folder).values())
+
+
 def test_trackers_get_loss_terms_lr_throughput_and_validation_grid(pixelrepa_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -157,13 +169,15 @@ def test_trackers_get_loss_terms_lr_throughput_and_validation_grid(pixelrepa_run
 @pytest.mark.parametrize("accumulation", ["1", "2"])
 def test_resume_is_bit_exact(assets, tmp_path, accumulation):
     # 3 batches per epoch; the stop falls inside epoch 1, so resuming skips batches and reshuffles by epoch.
-    common = ("--gradient_accumulation_steps", accumulation, "--checkpointing_steps", "100", "--checkpoints_total_limit", "2")
+    common = ("--gradient_accumulation_steps", accumulation, "--checkpointing_steps", "100",
+              "--checkpoints_total_limit", "2")
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     assert train(assets, straight, *common, "--max_train_steps", "6") == 0
     assert train(assets, halves, *common, "--max_train_steps", "3") == 0
     assert train(assets, halves, *common, "--max_train_steps", "6", "--resume_from_checkpoint", "latest") == 0
     for folder in WEIGHT_FOLDERS:
-        assert_same_weights(folder_weights(straight / "checkpoint-6" / folder), folder_weights(halves / "checkpoint-6" / folder))
+        assert_same_weights(folder_weights(straight / "checkpoint-6" / folder),
+                            folder_weights(halves / "checkpoint-6" / folder))
     moved = folder_weights(halves / "checkpoint-6" / "ema_2")["blocks.0.attn.to_qkv.weight"]
     assert not torch.equal(moved, folder_weights(halves / "checkpoint-3" / "ema_2")["blocks.0.attn.to_qkv.weight"])
 
@@ -195,6 +209,27 @@ def test_interrupted_save_never_becomes_latest(assets, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "checkpoint-4" / "training_state.json").read_text())["global_step"] == 4
 
 
+class WritesAFile:
+    """A pickle that would create `path` if it were ever unpickled with code execution."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "random_states_0.pkl"])
+def test_resume_never_runs_pickled_code(assets, tmp_path, capsys, name):
+    assert train(assets, tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "2") == 0
+    marker = tmp_path / "code-was-run"
+    torch.save({"state": WritesAFile(marker)}, tmp_path / "checkpoint-2" / name)
+    code = train(assets, tmp_path, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert code == 1 and not marker.exists()
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"train_pixelrepa.py: error: refusing to load {tmp_path / 'checkpoint-2'}: it holds pickled")
+
+
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(assets, tmp_path, monkeypatch, capsys):
     real_forward = PixelREPATrainingObjective.forward
     calls = []
@@ -219,7 +254,8 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(asse
 
 @pytest.mark.parametrize("alignment, folder", [("repa", "projector"), ("none", None)])
 def test_repa_and_plain_jit_runs(assets, tmp_path, alignment, folder):
-    assert train(assets, tmp_path, "--alignment", alignment, "--max_train_steps", "2", "--checkpointing_steps", "2") == 0
+    assert train(assets, tmp_path, "--alignment", alignment, "--max_train_steps", "2",
+                 "--checkpointing_steps", "2") == 0
     names = set(os.listdir(tmp_path / "checkpoint-2"))
     assert ("adapter" in names, "projector" in names) == (False, folder == "projector")
     card = ModelCard.load(tmp_path / "README.md")
@@ -233,13 +269,13 @@ def test_init_from_pretrained_starts_from_its_weights(assets, pixelrepa_run, tmp
     # With a zero learning rate, one step leaves the weights (and so the EMAs) where they started.
     assert train(assets, tmp_path, "--init_from_pretrained", str(pixelrepa_run), "--max_train_steps", "1",
                  "--learning_rate", "0", "--checkpointing_steps", "1") == 0
-    assert_same_weights(folder_weights(tmp_path / "checkpoint-1" / "transformer"), folder_weights(pixelrepa_run / "transformer"))
-    assert_same_weights(folder_weights(tmp_path / "checkpoint-1" / "adapter"), folder_weights(pixelrepa_run / "adapter"))
+    for folder in ("transformer", "adapter"):
+        assert_same_weights(folder_weights(tmp_path / "checkpoint-1" / folder), folder_weights(pixelrepa_run / folder))
 
 
 def test_ddp_two_cpu_processes_save_a_loadable_pipeline(assets, tmp_path):
     output_dir = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(SCRIPT), *flags(assets, output_dir, "--train_batch_size", "4", "--max_train_steps", "3",
                                    "--checkpointing_steps", "3")]
     result = subprocess.run(command, env={**subprocess_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True,
@@ -275,9 +311,14 @@ def test_sigkill_during_training_then_resume(assets, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resumed from {output_dir / f'checkpoint-{step}'} at step {step}" in result.stderr
-    assert json.loads((output_dir / f"checkpoint-{step + 2}" / "training_state.json").read_text())["global_step"] == step + 2
     assert not [name for name in os.listdir(output_dir) if name.startswith(".tmp-")]
     PixelREPAPipeline.from_pretrained(output_dir)
+    # The killed and resumed run ends exactly where an uninterrupted one does.
+    straight = tmp_path / "straight"
+    assert train(assets, straight, "--max_train_steps", str(step + 2), "--checkpointing_steps", "100") == 0
+    for folder in WEIGHT_FOLDERS:
+        assert_same_weights(folder_weights(straight / f"checkpoint-{step + 2}" / folder),
+                            folder_weights(output_dir / f"checkpoint-{step + 2}" / folder))
 
 
 def test_help_lists_every_flag_with_its_default(capsys):
@@ -332,7 +373,7 @@ def test_ema_follows_the_official_update_from_the_initial_weights():
             for parameter in model.parameters():
                 parameter.add_(torch.randn_like(parameter))
         ema.update(model)
-        expected = [0.9 * average + 0.1 * parameter.detach() for average, parameter in zip(expected, model.parameters())]
+        expected = [0.9 * old + 0.1 * parameter.detach() for old, parameter in zip(expected, model.parameters())]
     for average, value in zip(ema.model.parameters(), expected):
         torch.testing.assert_close(average, value, rtol=1e-6, atol=1e-7)
         assert not average.requires_grad

@@ -3,9 +3,10 @@
     accelerate launch training/train_pixelrepa.py --train_data_dir imagenet/train --output_dir pixelrepa-b16
 
 Defaults are the PixelREPA paper's recipe for JiT-B/16 on ImageNet 256x256 (8 GPUs x 128 images per step).
-Also runs under plain `torchrun` or `python`. Checkpoints (`checkpoint-<step>`) hold the transformer, the adapter
-or projector and the EMAs as diffusers folders (safetensors), the optimizer, lr scheduler and RNG states; the
-frozen encoder is never saved. At the end, output_dir holds a PixelREPAPipeline with the first EMA and a model card.
+Also runs under `torchrun` (on CPU: `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N ...`) or plain `python`.
+Checkpoints (`checkpoint-<step>`) hold the transformer, the adapter or projector and the EMAs as diffusers folders
+(safetensors), the optimizer, lr scheduler and RNG states; the frozen encoder is never saved. At the end, output_dir
+holds a PixelREPAPipeline with the first EMA and a model card.
 """
 
 import argparse
@@ -13,6 +14,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import sys
 import time
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, load, set_seed
 from diffusers.optimization import SchedulerType, get_scheduler
 from tqdm.auto import tqdm
 
@@ -128,7 +130,8 @@ def build_parser():
     recipe.add_argument("--p_mean", type=float, default=-0.8, help="Mean of the logit-normal training time.")
     recipe.add_argument("--p_std", type=float, default=0.8, help="Standard deviation of the logit-normal time.")
     recipe.add_argument("--t_eps", type=float, default=0.05, help="Lower clamp of 1 - t in the velocity.")
-    recipe.add_argument("--noise_scale", type=float, default=1.0, help="Standard deviation of the noise (2.0 at 512 px).")
+    recipe.add_argument("--noise_scale", type=float, default=1.0,
+                        help="Standard deviation of the noise (the paper: 2.0 at 512 px).")
     recipe.add_argument("--ema_decays", type=float, nargs="+", default=[0.9999, 0.9996],
                         help="Decays of the EMAs of the transformer; the first is exported for sampling.")
 
@@ -192,7 +195,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Raises ValueError naming the flag when the flags do not fit together."""
+    """Raises ValueError naming the flag when the flags do not fit together; fills the alignment weight default."""
     if (args.train_data_dir is None) == (args.dataset_name is None):
         raise ValueError("pass exactly one of --train_data_dir and --dataset_name")
     positive = ("resolution", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
@@ -243,9 +246,9 @@ def build_aligner(args, transformer, encoder_width):
     """The adapter (pixelrepa) or projector (repa) that maps backbone tokens to the encoder's width."""
     config = transformer.config
     if args.alignment == "repa":
-        return REPAProjector(hidden_size=config.hidden_size, projector_dim=args.projector_dim, out_channels=encoder_width)
-    pretrained_adapter = None if args.init_from_pretrained is None else os.path.join(args.init_from_pretrained, "adapter")
-    if pretrained_adapter is not None and os.path.isdir(pretrained_adapter):
+        return REPAProjector(config.hidden_size, projector_dim=args.projector_dim, out_channels=encoder_width)
+    pretrained_adapter = os.path.join(args.init_from_pretrained or "", "adapter")
+    if args.init_from_pretrained is not None and os.path.isdir(pretrained_adapter):
         adapter = MaskedTransformerAdapter.from_pretrained(pretrained_adapter)
         if adapter.config.out_channels != encoder_width:
             raise ValueError(f"the adapter in {pretrained_adapter} outputs {adapter.config.out_channels} channels but "
@@ -375,7 +378,9 @@ def save_final_outputs(args, objective, ema, id2label, dataset_description, glob
 
 
 def tracker_config(args):
-    return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()}
+    """The run's flags as tracker hyperparameters (scalars; lists and None as text)."""
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in vars(args).items()}
 
 
 def train(args):
@@ -392,6 +397,9 @@ def train(args):
     if launched != accelerator.num_processes:
         raise ValueError(f"launched as {launched} processes but accelerate sees {accelerator.num_processes}; on CPU, "
                          "set ACCELERATE_USE_CPU=1 for torchrun")
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(f"{accelerator.distributed_type.value} is not supported: the EMAs and checkpoints need the "
+                         "full parameters on every process; use DDP (`accelerate launch --multi_gpu`)")
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         for path in remove_incomplete_checkpoints(args.output_dir):
@@ -399,9 +407,9 @@ def train(args):
     checkpoint = resolve_checkpoint(args)
 
     dataset = load_train_dataset(
-        train_data_dir=args.train_data_dir, dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
-        image_column=args.image_column, label_column=args.label_column, resolution=args.resolution,
-        random_flip=args.random_flip, cache_dir=args.cache_dir, seed=args.seed,
+        train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name, image_column=args.image_column, label_column=args.label_column,
+        resolution=args.resolution, random_flip=args.random_flip, cache_dir=args.cache_dir, seed=args.seed,
     )
     num_classes = len(dataset.class_names)
     if args.validation_classes is None:
@@ -482,6 +490,8 @@ def train(args):
 
     def load_model_hook(models, input_dir):
         unwrapped = accelerator.unwrap_model(models.pop())
+        # accelerate ignores RNG states it cannot read (weights-only); an inexact resume must fail instead.
+        load(os.path.join(input_dir, f"random_states_{accelerator.process_index}.pkl"))
         with open(os.path.join(input_dir, TRAINING_STATE_NAME)) as file:
             state = json.load(file)
         if state["alignment"] != args.alignment or state["ema_decays"] != args.ema_decays:
@@ -501,7 +511,11 @@ def train(args):
 
     set_seed(args.seed, device_specific=True)  # each process draws its own noise; a resume restores the RNGs
     if checkpoint is not None:
-        accelerator.load_state(checkpoint)
+        try:
+            accelerator.load_state(checkpoint)
+        except pickle.UnpicklingError as error:
+            raise ValueError(f"refusing to load {checkpoint}: it holds pickled objects outside the weights-only "
+                             f"allow-list ({str(error).strip().splitlines()[0]})") from None
         logger.info(f"Resumed from {checkpoint} at step {training_state['global_step']}")
     elif args.resume_from_checkpoint == "latest":
         logger.info(f"No checkpoint in {args.output_dir}; starting a new run")
@@ -619,7 +633,7 @@ def main(argv=None):
     try:
         train(parse_args(argv))
     except (ValueError, OSError, NonFiniteLossError) as error:
-        print(f"train_pixelrepa.py: error: {error}", file=sys.stderr)
+        print(f"train_pixelrepa.py: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,0 +1,323 @@
+"""Sampling speed of PixelREPAPipeline against a baseline timed in the same run, in alternating repeats.
+
+    python pipelines/benchmark_sampling.py --model JiT-B/16 --batch_size 256 --dtype bf16 --compile \
+        --reference_repo reference/PixelREPA
+
+Baseline: the official `Denoiser.generate` (separate cond and uncond forwards, uncond also outside the CFG
+interval, fp32 attention with the full matrix) with the same weights when `--reference_repo` is given; otherwise
+our pipeline with that attention, fp32 weights and no compile. Under `--dtype bf16` the baseline runs under bf16
+autocast, as the official evaluation does. `--forward_only` times one transformer forward instead.
+"""
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+
+import torch
+import torch.nn as nn
+
+from pixelrepa_diffusers import JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline
+from pixelrepa_diffusers.benchmarking import (
+    alternating_timings,
+    describe_machine,
+    format_bytes,
+    import_official,
+    load_average,
+    materialize_attention,
+    median,
+    official_denoiser_args,
+    official_sources,
+    randomize_parameters_,
+    register_official_models,
+    tensor_bytes,
+    transformer_flops,
+)
+from pixelrepa_diffusers.conversion import rename_official_keys
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="JiT-B/16", help="JiT preset name")
+    parser.add_argument("--config_overrides", type=json.loads, default={},
+                        help='JSON of JiTTransformer2DModel config overrides, e.g. \'{"num_layers": 2}\'')
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="Heun steps (2 * steps - 1 evaluations)")
+    parser.add_argument("--guidance_scale", type=float, default=3.1)
+    parser.add_argument("--guidance_interval", type=float, nargs=2, default=(0.1, 1.0))
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="our transformer's weights (the ODE state stays fp32)")
+    parser.add_argument("--baseline_dtype", choices=sorted(DTYPES), default=None,
+                        help="bf16 runs the baseline under bf16 autocast; default: --dtype")
+    parser.add_argument("--upcast_attention", action="store_true", help="our attention in fp32 under --dtype bf16")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our transformer (static shapes)")
+    parser.add_argument("--compile_mode", default="default",
+                        help="torch.compile mode; 'reduce-overhead' adds CUDA graphs")
+    parser.add_argument("--reference_repo", default=None,
+                        help="official kaist-cvml/PixelREPA: a work tree, a copy of its files, or a bare git repo")
+    parser.add_argument("--forward_only", action="store_true", help="time one transformer forward, not sampling")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each before timing")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top entries for ours")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num_threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_json", default=None, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def check_args(args) -> None:
+    for name in ("batch_size", "num_inference_steps", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}.")
+
+
+class PlaceholderEncoder(nn.Module):
+    """Stands in for the official Denoiser's timm encoder, which sampling never runs."""
+
+    num_prefix_tokens = 1
+
+    def __init__(self, embed_dim: int):
+        super().__init__()
+        self.embed_dim = embed_dim
+
+
+def build_models(args, device):
+    """Our transformer with random weights and the baseline: the official Denoiser (same weights) or None."""
+    transformer = JiTTransformer2DModel.from_preset(args.model, **args.config_overrides)
+    if args.reference_repo is None:
+        randomize_parameters_(transformer, args.seed)
+        return transformer, None
+    config = transformer.config
+
+    def create_model(model_name, pretrained, img_size, patch_size):
+        return PlaceholderEncoder(config.hidden_size)
+
+    with tempfile.TemporaryDirectory() as directory:
+        source_dir = official_sources(args.reference_repo, directory)
+        model_module, denoiser_module, _ = import_official(source_dir, create_model, device)
+    adapter_config = dict(sample_size=config.sample_size, patch_size=config.patch_size,
+                          hidden_size=config.hidden_size, num_layers=2, num_attention_heads=config.num_attention_heads,
+                          mlp_ratio=config.mlp_ratio, in_context_len=config.in_context_len,
+                          num_classes=config.num_classes, out_channels=config.hidden_size)
+    register_official_models(model_module, config, argparse.Namespace(**adapter_config))
+    low, high = args.guidance_interval
+    denoiser_args = official_denoiser_args(config, num_sampling_steps=args.num_inference_steps,
+                                           cfg=args.guidance_scale, interval_min=low, interval_max=high)
+    denoiser = denoiser_module.Denoiser(denoiser_args)
+    randomize_parameters_(denoiser.net, args.seed)
+    transformer.load_state_dict(rename_official_keys(denoiser.net.state_dict()))
+    return transformer, denoiser.to(device).eval()
+
+
+def baseline_autocast(args, device):
+    """The baseline's precision: bf16 autocast (as the official evaluation) or fp32."""
+    baseline_dtype = args.dtype if args.baseline_dtype is None else args.baseline_dtype
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=baseline_dtype == "bf16")
+
+
+def sampling_runs(args, transformer, denoiser, device):
+    """(runs, resident bytes, outputs): name -> callable for ours and the baseline, the bytes of each one's weights,
+    and the final samples each call leaves."""
+    dtype = DTYPES[args.dtype]
+    config = transformer.config
+    generator = torch.Generator().manual_seed(args.seed)
+    labels = torch.randint(0, config.num_classes, (args.batch_size,), generator=generator).to(device)
+    autocast = baseline_autocast(args, device)
+    outputs = {}
+
+    def pipeline_of(model):
+        pipe = PixelREPAPipeline(model, JiTFlowMatchScheduler(solver="heun"), guidance_scale=args.guidance_scale,
+                                 guidance_interval=tuple(args.guidance_interval))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def final_latents(name):
+        def callback(pipe, step, timestep, tensors):
+            outputs[name] = tensors["latents"]
+            return {}
+        return callback
+
+    def noise():
+        torch.manual_seed(args.seed)  # as the official generate, which draws from the global generator
+        return torch.randn(args.batch_size, config.in_channels, config.sample_size, config.sample_size, device=device)
+
+    if denoiser is None:
+        plain = copy.deepcopy(transformer)
+        materialize_attention(plain)
+        plain_pipe = pipeline_of(plain.to(device).eval())
+        baseline_module = plain
+
+        def baseline():
+            with autocast:
+                plain_pipe(labels, args.num_inference_steps, latents=noise(), output_type="pt",
+                           callback_on_step_end=final_latents("baseline"))
+    else:
+        baseline_module = denoiser
+
+        def baseline():
+            torch.manual_seed(args.seed)
+            with autocast:
+                outputs["baseline"] = denoiser.generate(labels)
+
+    transformer = transformer.to(device=device, dtype=dtype).eval()
+    transformer.set_attention_upcast(args.upcast_attention)
+    if args.compile:
+        transformer.compile(mode=args.compile_mode, dynamic=False, fullgraph=True)
+    pipe = pipeline_of(transformer)
+
+    def ours():
+        pipe(labels, args.num_inference_steps, latents=noise(), output_type="pt",
+             callback_on_step_end=final_latents("ours"))
+
+    resident = {"ours": module_bytes(transformer), "baseline": module_bytes(baseline_module)}
+    return {"ours": ours, "baseline": baseline}, resident, outputs
+
+
+def forward_runs(args, transformer, denoiser, device):
+    """(runs, resident bytes, outputs) timing one transformer forward of ours and the baseline on the same inputs."""
+    dtype = DTYPES[args.dtype]
+    config = transformer.config
+    generator = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch_size, config.in_channels, config.sample_size, config.sample_size, generator=generator)
+    t = torch.rand(args.batch_size, generator=generator)
+    y = torch.randint(0, config.num_classes + 1, (args.batch_size,), generator=generator)
+    x, t, y = x.to(device), t.to(device), y.to(device)
+    autocast = baseline_autocast(args, device)
+    outputs = {}
+    if denoiser is None:
+        net = copy.deepcopy(transformer)
+        materialize_attention(net)
+        net = net.to(device).eval()
+        baseline_module = net
+
+        def baseline_forward(x, t, y):
+            return net(x, t, y).sample
+    else:
+        baseline_module = baseline_forward = denoiser.net
+
+    transformer = transformer.to(device=device, dtype=dtype).eval()
+    transformer.set_attention_upcast(args.upcast_attention)
+    if args.compile:
+        transformer.compile(mode=args.compile_mode, dynamic=False, fullgraph=True)
+
+    @torch.no_grad()
+    def baseline():
+        with autocast:
+            outputs["baseline"] = baseline_forward(x, t, y)
+
+    @torch.no_grad()
+    def ours():
+        outputs["ours"] = transformer(x.to(dtype), t, y).sample
+
+    resident = {"ours": module_bytes(transformer), "baseline": module_bytes(baseline_module)}
+    return {"ours": ours, "baseline": baseline}, resident, outputs
+
+
+def to_image(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] model scale to the [0, 1] image scale the pipeline outputs, clamped."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def module_bytes(module: nn.Module) -> int:
+    return tensor_bytes([*module.parameters(), *module.buffers()])
+
+
+def profile_table(function, device, row_limit=15) -> str:
+    """torch.profiler's top entries (by self time on the device that does the work) for one call."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    sort_by = "self_cpu_time_total"
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        sort_by = "self_cuda_time_total"
+    with torch.profiler.profile(activities=activities) as profiler:
+        function()
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+
+
+def run(args) -> dict:
+    check_args(args)
+    device = torch.device(args.device)
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    transformer, denoiser = build_models(args, device)
+    make_runs = forward_runs if args.forward_only else sampling_runs
+    runs, resident, outputs = make_runs(args, transformer, denoiser, device)
+    for _ in range(args.warmup):
+        for function in runs.values():
+            function()
+    machine = describe_machine(device)
+    timings = alternating_timings(runs, resident, args.repeats, device)
+
+    ours, baseline = outputs["ours"].float(), outputs["baseline"].float()
+    image_difference = (to_image(ours) - to_image(baseline)).abs()
+    evaluations = 1 if args.forward_only else 2 * args.num_inference_steps - 1
+    results = dict(
+        machine=machine,
+        load_average_after=load_average(),
+        command=" ".join(sys.argv),
+        mode="forward" if args.forward_only else "sampling",
+        baseline_kind="official" if denoiser is not None else "plain",
+        model=args.model, config_overrides=args.config_overrides, batch_size=args.batch_size,
+        num_inference_steps=args.num_inference_steps, model_evaluations=evaluations,
+        guidance_scale=args.guidance_scale, guidance_interval=list(args.guidance_interval), dtype=args.dtype,
+        compile=args.compile, upcast_attention=args.upcast_attention,
+        transformer_gflops_per_image=transformer_flops(transformer.config) / 1e9,
+        baseline_dtype=args.dtype if args.baseline_dtype is None else args.baseline_dtype,
+        max_image_difference=image_difference.max().item(),
+        mean_image_difference=image_difference.mean().item(),
+        relative_difference=((ours - baseline).norm() / baseline.norm()).item(),
+    )
+    for name, timing in timings.items():
+        seconds = median(timing["seconds"])
+        results[name] = dict(seconds=timing["seconds"], median_seconds=seconds,
+                             images_per_second=args.batch_size / seconds, peak_bytes=timing["peak_bytes"])
+    results["speedup"] = results["ours"]["images_per_second"] / results["baseline"]["images_per_second"]
+    if args.profile:
+        results["profile"] = profile_table(runs["ours"], device)
+    return results
+
+
+def report(results) -> None:
+    machine = results["machine"]
+    what = "one forward" if results["mode"] == "forward" else (
+        f"{results['num_inference_steps']}-step Heun ({results['model_evaluations']} evaluations), "
+        f"CFG {results['guidance_scale']} on {results['guidance_interval']}")
+    print(f"{machine['device_name']} ({machine['device']}, {machine['threads']} threads), torch {machine['torch']}, "
+          f"{machine['date']}, load average {machine['load_average']} before, {results['load_average_after']} after")
+    print(f"{results['model']} {results['config_overrides'] or ''} batch {results['batch_size']}, {what}; "
+          f"ours {results['dtype']}{' compiled' if results['compile'] else ''}, "
+          f"baseline {results['baseline_kind']} {results['baseline_dtype']}")
+    for name in ("ours", "baseline"):
+        entry = results[name]
+        print(f"{name:>8}: {entry['median_seconds']:.4f} s/batch, {entry['images_per_second']:.4g} img/s, "
+              f"peak memory {format_bytes(entry['peak_bytes'])}")
+    print(f"speed-up ours / baseline (median img/s): {results['speedup']:.3f}x")
+    print(f"agreement on the [0, 1] image scale: max |ours - baseline| {results['max_image_difference']:.3e}, "
+          f"mean {results['mean_image_difference']:.3e}; relative L2 before clamping "
+          f"{results['relative_difference']:.3e}")
+    if "profile" in results:
+        print(results["profile"])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        results = run(args)
+    except (ValueError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    report(results)
+    if args.output_json is not None:
+        with open(args.output_json, "w") as file:
+            json.dump(results, file, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

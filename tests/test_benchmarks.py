@@ -1,0 +1,173 @@
+"""The sampling and training benchmark CLIs on CPU with tiny models (no timing is asserted), and the FLOP count."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_CONFIG
+from pixelrepa_diffusers.benchmarking import (
+    adapter_flops,
+    model_flops_utilization,
+    training_flops,
+    transformer_flops,
+    vit_encoder_flops,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = Path("/work/.mirror/kaist-cvml+PixelREPA/repo")
+TINY_ENCODER = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4)
+# The tiny adapter of TINY_CONFIG, aligned to the 48-wide tiny encoder (so it has a projection head).
+TINY_ADAPTER = dict(sample_size=32, patch_size=8, hidden_size=64, num_layers=2, mlp_ratio=4.0, in_context_len=4,
+                    out_channels=48)
+needs_official_code = pytest.mark.skipif(not MIRROR.exists(), reason="the official PixelREPA mirror is not here")
+
+
+def load_cli(relative_path):
+    spec = importlib.util.spec_from_file_location(Path(relative_path).stem, REPO / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_cli(relative_path, *args, tmp_path):
+    """Runs a benchmark CLI in-process; returns its results JSON."""
+    output = tmp_path / "results.json"
+    code = load_cli(relative_path).main([*args, "--device", "cpu", "--output_json", str(output)])
+    assert code == 0
+    return json.loads(output.read_text())
+
+
+def run_cli_subprocess(relative_path, *args, tmp_path):
+    """Runs a benchmark CLI in its own process (the official code patches torch globally); returns its results."""
+    output = tmp_path / "results.json"
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, str(REPO / relative_path), *args, "--device", "cpu", "--num_threads", "1",
+         "--output_json", str(output)],
+        capture_output=True, text=True, cwd=REPO, env=environment, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    return json.loads(output.read_text())
+
+
+def tiny_sampling_args(*extra):
+    return ["--config_overrides", json.dumps(TINY_CONFIG), "--batch_size", "2", "--num_inference_steps", "3",
+            "--repeats", "2", "--warmup", "0", *extra]
+
+
+def tiny_training_args(*extra):
+    return ["--config_overrides", json.dumps(TINY_CONFIG), "--encoder_overrides", json.dumps(TINY_ENCODER),
+            "--batch_size", "2", "--steps", "1", "--repeats", "2", "--warmup", "1", "--mixed_precision", "no", *extra]
+
+
+def test_flop_count_of_the_tiny_config_by_hand():
+    tokens, hidden, inner = 16, 64, 170  # 4 x 4 patches of 8 px; SwiGLU width int(256 * 2 / 3)
+
+    def block(length):  # qkv + out projection + SwiGLU, attention q k^T and a v, adaLN
+        return 2 * length * (4 * hidden**2 + 3 * hidden * inner) + 4 * length**2 * hidden + 2 * hidden * 6 * hidden
+
+    conditioning = 2 * (256 * hidden + hidden * hidden)
+    backbone = (conditioning + 2 * tokens * (8 * 8 * 3 * 16 + 16 * hidden) + 2 * block(tokens) + 2 * block(tokens + 4)
+                + 2 * hidden * 2 * hidden + 2 * tokens * hidden * 8 * 8 * 3)
+    adapter = conditioning + 2 * block(tokens + 4) + 2 * tokens * (hidden * hidden + hidden * 48)
+    encoder_block = 2 * 17 * (4 * 48**2 + 2 * 48 * 192) + 4 * 17**2 * 48
+    encoder = 2 * tokens * 8 * 8 * 3 * 48 + 2 * encoder_block
+    assert backbone == 8_173_568 and adapter == 4_495_360 and encoder == 2_285_952
+
+    config = types.SimpleNamespace(in_channels=3, mlp_ratio=4.0, **TINY_CONFIG)
+    adapter_config = types.SimpleNamespace(**TINY_ADAPTER)
+    assert transformer_flops(config) == backbone
+    assert adapter_flops(adapter_config) == adapter
+    assert vit_encoder_flops(32, 8, 48, 2, 192, 1) == encoder
+    assert training_flops(config, adapter_config, encoder) == 3 * (backbone + adapter) + encoder == 40_292_736
+
+
+def test_b16_training_image_costs_about_220_gflop_and_mfu():
+    config = types.SimpleNamespace(sample_size=256, patch_size=16, in_channels=3, hidden_size=768, num_layers=12,
+                                   mlp_ratio=4.0, bottleneck_dim=128, in_context_len=32, in_context_start=4)
+    adapter_config = types.SimpleNamespace(sample_size=256, patch_size=16, hidden_size=768, num_layers=2,
+                                           mlp_ratio=4.0, in_context_len=32, out_channels=768)
+    flops = training_flops(config, adapter_config, vit_encoder_flops(256, 16, 768, 12, 3072, 1))
+    assert 215e9 < flops < 230e9
+    achieved, mfu = model_flops_utilization(flops, 1000.0, 989.0)
+    assert achieved == pytest.approx(flops * 1000 / 1e12)
+    assert mfu == pytest.approx(achieved / 989.0)
+    assert model_flops_utilization(flops, 1000.0, None)[1] is None
+
+
+def test_sampling_cli_against_the_plain_baseline(tmp_path):
+    results = run_cli("pipelines/benchmark_sampling.py", *tiny_sampling_args(), tmp_path=tmp_path)
+    assert results["baseline_kind"] == "plain" and results["model_evaluations"] == 5
+    for name in ("ours", "baseline"):
+        assert len(results[name]["seconds"]) == 2 and results[name]["images_per_second"] > 0
+    assert results["speedup"] > 0
+    assert results["relative_difference"] < 1e-5  # SDPA and the materialised fp32 attention agree in fp32
+
+
+def test_sampling_cli_bf16_within_the_stated_tolerance(tmp_path):
+    results = run_cli("pipelines/benchmark_sampling.py",
+                      *tiny_sampling_args("--dtype", "bf16", "--baseline_dtype", "fp32"), tmp_path=tmp_path)
+    assert results["dtype"] == "bf16" and results["baseline_dtype"] == "fp32"
+    assert 0 < results["mean_image_difference"] < 0.01  # BENCHMARKS.md states these bf16 tolerances
+    assert results["relative_difference"] < 0.05
+
+
+def test_sampling_cli_forward_only(tmp_path):
+    results = run_cli("pipelines/benchmark_sampling.py", *tiny_sampling_args("--forward_only"), tmp_path=tmp_path)
+    assert results["mode"] == "forward" and results["model_evaluations"] == 1
+    assert results["relative_difference"] < 1e-5
+
+
+def test_training_cli_against_the_plain_baseline(tmp_path):
+    results = run_cli("training/benchmark_training.py", *tiny_training_args("--peak_tflops", "1"), tmp_path=tmp_path)
+    assert results["baseline_kind"] == "plain"
+    assert results["gflops_per_image"] * 1e9 == pytest.approx(40_292_736)
+    for name in ("ours", "baseline"):
+        entry = results[name]
+        assert entry["images_per_second"] > 0
+        assert entry["achieved_tflops"] == pytest.approx(results["gflops_per_image"] * entry["images_per_second"] / 1e3)
+        assert entry["mfu"] == pytest.approx(entry["achieved_tflops"] / 1.0)
+    assert results["speedup"] > 0
+
+
+def test_training_cli_gradient_checkpointing_without_baseline(tmp_path):
+    results = run_cli("training/benchmark_training.py",
+                      *tiny_training_args("--gradient_checkpointing", "--skip_baseline"), tmp_path=tmp_path)
+    assert results["gradient_checkpointing"] and results["baseline_kind"] == "none"
+    assert "baseline" not in results and "speedup" not in results
+    assert results["ours"]["mfu"] is None
+
+
+@pytest.mark.parametrize("cli, argument, message", [
+    ("pipelines/benchmark_sampling.py", ["--batch_size", "0"], "--batch_size must be >= 1"),
+    ("training/benchmark_training.py", ["--steps", "0"], "--steps must be >= 1"),
+    ("pipelines/benchmark_sampling.py", ["--reference_repo", "/nonexistent"], "holds neither model_pixelREPA.py"),
+])
+def test_bad_input_is_one_line_on_stderr(cli, argument, message, capsys):
+    code = load_cli(cli).main([*argument, "--model", "JiT-B/16", "--config_overrides", json.dumps(TINY_CONFIG),
+                               "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert code == 1
+    assert error.count("\n") == 1 and error.startswith("error: ") and message in error
+
+
+@needs_official_code
+def test_sampling_cli_against_the_official_code(tmp_path):
+    arguments = tiny_sampling_args("--reference_repo", str(MIRROR))
+    results = run_cli_subprocess("pipelines/benchmark_sampling.py", *arguments, tmp_path=tmp_path)
+    assert results["baseline_kind"] == "official"
+    assert results["relative_difference"] < 1e-5  # same weights and noise: the official samples
+
+
+@needs_official_code
+def test_training_cli_against_the_official_code(tmp_path):
+    arguments = tiny_training_args("--reference_repo", str(MIRROR))
+    results = run_cli_subprocess("training/benchmark_training.py", *arguments, tmp_path=tmp_path)
+    assert results["baseline_kind"] == "official"
+    assert results["ours"]["images_per_second"] > 0 and results["baseline"]["images_per_second"] > 0

@@ -1,0 +1,286 @@
+"""Training-step speed of PixelREPA (forward, backward, AdamW, two EMAs) against a baseline in the same run.
+
+    python training/benchmark_training.py --model JiT-B/16 --batch_size 128 --mixed_precision bf16 --compile \
+        --peak_tflops 989 --reference_repo reference/PixelREPA
+
+One step of ours: PixelREPATrainingObjective (backbone, masked adapter, frozen DINOv2-B encoder) under autocast,
+backward, fused AdamW, foreach-lerp EMAs (0.9999, 0.9996), no host syncs. Baseline: the official Denoiser step as
+its engine runs it (loss .item() calls, AdamW, a device sync, per-parameter EMA loops; its encoder a timm ViT of the
+same shape) when `--reference_repo` is given; otherwise our objective with fp32 attention that materialises the
+matrix, plain AdamW and no compile. Both use random weights (no downloads) and a fixed batch already on the
+device, so data loading is not timed. FLOPs are counted analytically (see pixelrepa_diffusers.benchmarking).
+"""
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+
+import torch
+from transformers import Dinov2Config, Dinov2Model
+
+from pixelrepa_diffusers import JiTTransformer2DModel, MaskedTransformerAdapter
+from pixelrepa_diffusers.benchmarking import (
+    alternating_timings,
+    describe_machine,
+    format_bytes,
+    import_official,
+    load_average,
+    materialize_attention,
+    median,
+    model_flops_utilization,
+    official_denoiser_args,
+    official_sources,
+    register_official_models,
+    tensor_bytes,
+    training_flops,
+    vit_encoder_flops,
+)
+from pixelrepa_diffusers.encoders import AlignmentEncoder
+from pixelrepa_diffusers.losses import PixelREPATrainingObjective
+from pixelrepa_diffusers.training_utils import ExponentialMovingAverage
+
+EMA_DECAYS = (0.9999, 0.9996)
+ADAMW = dict(lr=2.5e-5, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="JiT-B/16", help="JiT preset name")
+    parser.add_argument("--config_overrides", type=json.loads, default={},
+                        help='JSON of JiTTransformer2DModel config overrides, e.g. \'{"num_layers": 2}\'')
+    parser.add_argument("--encoder_overrides", type=json.loads, default={},
+                        help="JSON of Dinov2Config overrides for the frozen encoder (default: ViT-B, 256 px, patch 16)")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="bf16")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="ours only")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our objective (static shapes)")
+    parser.add_argument("--compile_mode", default="default", help="torch.compile mode, e.g. max-autotune")
+    parser.add_argument("--reference_repo", default=None,
+                        help="official kaist-cvml/PixelREPA: a work tree, a copy of its files, or a bare git repo")
+    parser.add_argument("--skip_baseline", action="store_true", help="time ours only (e.g. when the baseline OOMs)")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s for MFU (H100 SXM dense bf16: 989)")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per timed run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each before timing")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num_threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_json", default=None, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def check_args(args) -> None:
+    for name in ("batch_size", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}.")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise ValueError(f"--peak_tflops must be > 0, got {args.peak_tflops}.")
+    if args.reference_repo is not None and args.skip_baseline:
+        raise ValueError("--reference_repo and --skip_baseline exclude each other.")
+
+
+def encoder_config(args, transformer_config) -> Dinov2Config:
+    """DINOv2 ViT-B/14 as the official code builds it: 256 px images in 16 px patches (overridable)."""
+    return Dinov2Config(**{**args.encoder_overrides, "image_size": transformer_config.sample_size,
+                           "patch_size": transformer_config.patch_size})
+
+
+def build_objective(args, device, plain: bool):
+    """Our objective on `device` with a random frozen encoder; `plain` swaps in the materialised fp32 attention."""
+    transformer = JiTTransformer2DModel.from_preset(args.model, **args.config_overrides)
+    config = transformer.config
+    encoder_settings = encoder_config(args, config)
+    encoder = AlignmentEncoder(Dinov2Model(encoder_settings), config.sample_size)
+    adapter = MaskedTransformerAdapter(
+        sample_size=config.sample_size, patch_size=config.patch_size, hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads, mlp_ratio=config.mlp_ratio, num_classes=config.num_classes,
+        in_context_len=config.in_context_len, out_channels=encoder_settings.hidden_size,
+    )
+    if plain:
+        materialize_attention(transformer)
+        materialize_attention(adapter)
+    elif args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+        adapter.enable_gradient_checkpointing()
+    objective = PixelREPATrainingObjective(transformer, alignment="pixelrepa", aligner=adapter, encoder=encoder)
+    return objective.to(device).train()
+
+
+def our_step(args, device, plain: bool):
+    """(step, resident tensors) of our training step; `plain` is the baseline of our own."""
+    objective = build_objective(args, device, plain)
+    transformer = objective.transformer
+    parameters = [parameter for parameter in objective.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, **ADAMW, fused=not plain)
+    emas = [ExponentialMovingAverage(transformer, decay) for decay in EMA_DECAYS]
+    forward = objective
+    if args.compile and not plain:
+        forward = torch.compile(objective, mode=args.compile_mode, dynamic=False)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
+
+    def step(images, labels):
+        with autocast:
+            losses = forward(images, labels)
+        losses["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for ema in emas:
+            ema.update(transformer)
+
+    def resident():
+        return [*objective.parameters(), *objective.buffers(), *optimizer_state(optimizer),
+                *(parameter for ema in emas for parameter in ema.model.parameters())]
+
+    return step, resident, objective
+
+
+def official_step(args, device, transformer_config):
+    """(step, resident tensors) of the official training step, as engine_pixelREPA.train_one_epoch runs it, for the
+    backbone shape `transformer_config`."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    encoder_settings = encoder_config(args, transformer_config)
+
+    def create_model(model_name, pretrained, img_size, patch_size):
+        return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=encoder_settings.hidden_size,
+                                 depth=encoder_settings.num_hidden_layers,
+                                 num_heads=encoder_settings.num_attention_heads, mlp_ratio=encoder_settings.mlp_ratio,
+                                 init_values=1e-5)
+
+    with tempfile.TemporaryDirectory() as directory:
+        source_dir = official_sources(args.reference_repo, directory)
+        model_module, denoiser_module, misc_module = import_official(source_dir, create_model, device)
+    adapter_config = argparse.Namespace(
+        sample_size=transformer_config.sample_size, patch_size=transformer_config.patch_size,
+        hidden_size=transformer_config.hidden_size, num_layers=2,
+        num_attention_heads=transformer_config.num_attention_heads, mlp_ratio=transformer_config.mlp_ratio,
+        in_context_len=transformer_config.in_context_len, num_classes=transformer_config.num_classes,
+        out_channels=encoder_settings.hidden_size,
+    )
+    register_official_models(model_module, transformer_config, adapter_config)
+    denoiser = denoiser_module.Denoiser(official_denoiser_args(transformer_config)).to(device).train()
+    optimizer = torch.optim.AdamW(misc_module.add_weight_decay(denoiser, ADAMW["weight_decay"]), lr=ADAMW["lr"],
+                                  betas=ADAMW["betas"])
+    denoiser.ema_params1 = copy.deepcopy(list(denoiser.net.parameters()))
+    denoiser.ema_params2 = copy.deepcopy(list(denoiser.net.parameters()))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
+
+    def step(images, labels):
+        with autocast:
+            loss_jit, loss_mta = denoiser(images, labels)
+        loss_jit.item()
+        loss_mta.item()
+        loss = loss_jit + 0.1 * loss_mta
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        denoiser.update_ema()
+        loss.item()
+
+    def resident():
+        gradients = [parameter.grad for parameter in denoiser.parameters() if parameter.grad is not None]
+        return [*denoiser.parameters(), *denoiser.buffers(), *gradients, *optimizer_state(optimizer),
+                *denoiser.ema_params1, *denoiser.ema_params2]
+
+    return step, resident
+
+
+def optimizer_state(optimizer):
+    return [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
+
+
+def run(args) -> dict:
+    check_args(args)
+    device = torch.device(args.device)
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    torch.manual_seed(args.seed)
+    steps = {}
+    residents = {}
+    steps["ours"], residents["ours"], objective = our_step(args, device, plain=False)
+    baseline_kind = "none" if args.skip_baseline else "plain" if args.reference_repo is None else "official"
+    if baseline_kind == "plain":
+        steps["baseline"], residents["baseline"], _ = our_step(args, device, plain=True)
+    elif baseline_kind == "official":
+        steps["baseline"], residents["baseline"] = official_step(args, device, objective.transformer.config)
+
+    config = objective.transformer.config
+    images = torch.rand(args.batch_size, config.in_channels, config.sample_size, config.sample_size,
+                        device=device) * 2 - 1
+    labels = torch.randint(0, config.num_classes, (args.batch_size,), device=device)
+    runs = {name: (lambda step=step: [step(images, labels) for _ in range(args.steps)]) for name, step in steps.items()}
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step(images, labels)
+    resident_bytes = {name: tensor_bytes(resident()) for name, resident in residents.items()}
+    machine = describe_machine(device)
+    timings = alternating_timings(runs, resident_bytes, args.repeats, device)
+
+    encoder_settings = encoder_config(args, config)
+    encoder_flops = vit_encoder_flops(config.sample_size, config.patch_size, encoder_settings.hidden_size,
+                                      encoder_settings.num_hidden_layers,
+                                      int(encoder_settings.hidden_size * encoder_settings.mlp_ratio), 1)
+    flops_per_image = training_flops(config, objective.aligner.config, encoder_flops)
+    results = dict(
+        machine=machine, load_average_after=load_average(), command=" ".join(sys.argv), baseline_kind=baseline_kind,
+        model=args.model, config_overrides=args.config_overrides, encoder_overrides=args.encoder_overrides,
+        batch_size=args.batch_size, mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, steps_per_run=args.steps,
+        gflops_per_image=flops_per_image / 1e9, peak_tflops=args.peak_tflops,
+    )
+    for name, timing in timings.items():
+        seconds = median(timing["seconds"]) / args.steps
+        images_per_second = args.batch_size / seconds
+        achieved, mfu = model_flops_utilization(flops_per_image, images_per_second, args.peak_tflops)
+        results[name] = dict(
+            step_seconds=[value / args.steps for value in timing["seconds"]], median_step_seconds=seconds,
+            images_per_second=images_per_second, achieved_tflops=achieved, mfu=mfu, peak_bytes=timing["peak_bytes"],
+        )
+    if "baseline" in results:
+        results["speedup"] = results["ours"]["images_per_second"] / results["baseline"]["images_per_second"]
+    return results
+
+
+def report(results) -> None:
+    machine = results["machine"]
+    print(f"{machine['device_name']} ({machine['device']}, {machine['threads']} threads), torch {machine['torch']}, "
+          f"{machine['date']}, load average {machine['load_average']} before, {results['load_average_after']} after")
+    precision = "bf16 autocast" if results["mixed_precision"] == "bf16" else "fp32"
+    checkpointing = ", gradient checkpointing" if results["gradient_checkpointing"] else ""
+    print(f"PixelREPA {results['model']} {results['config_overrides'] or ''} batch {results['batch_size']}, "
+          f"{precision}{checkpointing}{', compiled' if results['compile'] else ''}; "
+          f"{results['gflops_per_image']:.4g} GFLOP per image; baseline {results['baseline_kind']}")
+    for name in ("ours", "baseline"):
+        if name not in results:
+            continue
+        entry = results[name]
+        mfu = "" if entry["mfu"] is None else f", MFU {entry['mfu']:.1%}"
+        print(f"{name:>8}: {entry['median_step_seconds']:.4f} s/step, {entry['images_per_second']:.2f} img/s, "
+              f"{entry['achieved_tflops']:.3f} TFLOP/s{mfu}, peak memory {format_bytes(entry['peak_bytes'])}")
+    if "speedup" in results:
+        print(f"speed-up ours / baseline (median img/s): {results['speedup']:.3f}x")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        results = run(args)
+    except (ValueError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    report(results)
+    if args.output_json is not None:
+        with open(args.output_json, "w") as file:
+            json.dump(results, file, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,7 +25,10 @@ TINY_ENCODER = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4)
 # The tiny adapter of TINY_CONFIG, aligned to the 48-wide tiny encoder (so it has a projection head).
 TINY_ADAPTER = dict(sample_size=32, patch_size=8, hidden_size=64, num_layers=2, mlp_ratio=4.0, in_context_len=4,
                     out_channels=48)
-needs_official_code = pytest.mark.skipif(not MIRROR.exists(), reason="the official PixelREPA mirror is not here")
+needs_official_code = pytest.mark.skipif(
+    not MIRROR.exists() or importlib.util.find_spec("einops") is None,
+    reason="the official PixelREPA mirror, or einops (which its code imports), is not here",
+)
 
 
 def load_cli(relative_path):

@@ -80,15 +80,17 @@ class PixelREPATrainingObjective(nn.Module):
       output is aligned to the frozen encoder's patch tokens.
     - "repa": an MLP projector reads the image tokens after block `repa_depth` and is aligned the same way.
 
-    The frozen encoder is called only when no precomputed `targets` are given.
+    The alignment targets (the frozen encoder's patch tokens) are computed by the caller, so the encoder stays out of
+    the trained, sharded and checkpointed module.
     """
+
+    _no_split_modules = ["JiTBlock"]  # the FSDP units of accelerate's TRANSFORMER_BASED_WRAP
 
     def __init__(
         self,
         transformer: nn.Module,
         alignment: str = "pixelrepa",
         aligner: nn.Module | None = None,
-        encoder: nn.Module | None = None,
         alignment_weight: float = 0.1,
         mask_ratio: float = 0.2,
         repa_depth: int | None = None,
@@ -110,7 +112,6 @@ class PixelREPATrainingObjective(nn.Module):
         self.transformer = transformer
         self.alignment = alignment
         self.aligner = aligner
-        self.encoder = encoder
         self.alignment_weight = alignment_weight
         self.mask_ratio = mask_ratio
         self.split = split
@@ -119,13 +120,6 @@ class PixelREPATrainingObjective(nn.Module):
         self.p_std = p_std
         self.t_eps = t_eps
         self.noise_scale = noise_scale
-
-    def train(self, mode: bool = True) -> "PixelREPATrainingObjective":
-        """Sets the training mode of the trained modules; the frozen encoder stays in eval mode."""
-        super().train(mode)
-        if self.encoder is not None:
-            self.encoder.eval()
-        return self
 
     def forward(
         self,
@@ -138,12 +132,14 @@ class PixelREPATrainingObjective(nn.Module):
         Args:
             images: clean images (B, C, H, W) in [-1, 1].
             class_labels: (B,) class ids, before label dropout.
-            targets: the encoder's patch tokens (B, N, C_enc) for `images`; computed with `encoder` when None.
+            targets: the frozen encoder's patch tokens (B, N, C_enc) for `images`; needed with alignment.
             draws: the step's random numbers; drawn from the global RNG when None.
 
         Returns:
             {"loss": total, "loss_jit": v-loss, "loss_alignment": cosine loss (0 without alignment)}.
         """
+        if self.alignment != "none" and targets is None:
+            raise ValueError(f"targets (the encoder's patch tokens) are needed with alignment {self.alignment!r}.")
         transformer = self.transformer
         if draws is None:
             draws = draw_training_randomness(images, transformer.num_patches, self.alignment == "pixelrepa")
@@ -163,8 +159,6 @@ class PixelREPATrainingObjective(nn.Module):
         if self.alignment == "none":
             return {"loss": loss_jit, "loss_jit": loss_jit, "loss_alignment": torch.zeros_like(loss_jit)}
 
-        if targets is None:
-            targets = self.encoder(images)
         if self.alignment == "pixelrepa":
             keep = draws.mask_uniform > self.mask_ratio
             masked = torch.where(keep[..., None], hidden, transformer.mask_token)

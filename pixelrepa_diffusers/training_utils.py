@@ -1,6 +1,5 @@
-"""Training helpers: exponential moving averages and atomic, pruned checkpoint folders."""
+"""Training helpers: exponential moving averages (FSDP2-aware) and atomic, pruned checkpoint folders."""
 
-import copy
 import os
 import re
 import shutil
@@ -8,6 +7,7 @@ import shutil
 import numpy as np
 import torch
 from PIL import Image
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TEMPORARY_PREFIX = ".tmp-checkpoint-"
@@ -15,20 +15,41 @@ TEMPORARY_PREFIX = ".tmp-checkpoint-"
 
 class ExponentialMovingAverage:
     """
-    A frozen copy of a model whose parameters follow `ema = decay * ema + (1 - decay) * param` after every update,
-    from the first step on (no warm-up), as in the official JiT / PixelREPA code. Buffers are not averaged.
+    Averages of a model's parameters, `average = decay * average + (1 - decay) * parameter` after every update, from
+    the first step on (no warm-up), as in the official JiT / PixelREPA code. Buffers are copied, not averaged. Under
+    FSDP2 the parameters are sharded DTensors and each process averages its own shards.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}.")
         self.decay = decay
-        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+        self.averages = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+        self.buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        averages = list(self.model.parameters())
-        torch._foreach_lerp_(averages, [parameter.detach() for parameter in model.parameters()], 1.0 - self.decay)
+        parameters = [parameter.detach() for parameter in model.parameters()]
+        torch._foreach_lerp_(list(self.averages.values()), parameters, 1.0 - self.decay)
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """A full copy of the averages and buffers, a state dict of the model; under FSDP2 every process must call."""
+        averages = {name: average.full_tensor() if isinstance(average, DTensor) else average.clone()
+                    for name, average in self.averages.items()}
+        return {**averages, **{name: buffer.clone() for name, buffer in self.buffers.items()}}
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Sets the averages from a full state dict of the model; under FSDP2 every process must call."""
+        missing = sorted(set(self.averages) - set(state_dict))
+        if missing:
+            raise ValueError(f"the EMA state dict lacks {len(missing)} parameters, e.g. {missing[:3]}.")
+        for name, average in self.averages.items():
+            value = state_dict[name].to(device=average.device, dtype=average.dtype)
+            if isinstance(average, DTensor):
+                value = distribute_tensor(value, average.device_mesh, average.placements)
+            average.copy_(value)
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:

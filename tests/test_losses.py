@@ -143,10 +143,7 @@ def test_bad_arguments_are_named(kwargs, message):
         PixelREPATrainingObjective(objective.transformer, **kwargs)
 
 
-def test_frozen_encoder_stays_in_eval_mode():
-    objective, _ = official_objective(alignment="none")
-    encoder = torch.nn.Dropout(0.5)
-    with_encoder = PixelREPATrainingObjective(objective.transformer, alignment="repa", aligner=torch.nn.Identity(),
-                                              encoder=encoder)
-    with_encoder.train()
-    assert with_encoder.transformer.training and not encoder.training
+def test_alignment_without_targets_is_refused():
+    objective, tensors = official_objective()
+    with pytest.raises(ValueError, match="targets .* are needed with alignment 'pixelrepa'"):
+        objective(tensors["input.x"], tensors["input.y"], draws=fixture_draws(tensors))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DistributedType
 from accelerate.utils import load as accelerate_load
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -289,6 +291,64 @@ def test_ddp_two_cpu_processes_save_a_loadable_pipeline(assets, tmp_path):
     assert pipeline([1], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
 
 
+FSDP_CONFIG = REPO / "training" / "configs" / "accelerate_fsdp.yaml"
+
+
+def launch_two_processes(assets, output_dir, *extra, fsdp=True):
+    """Runs the script in 2 CPU processes: FSDP2 from the shipped accelerate config, or DDP through torchrun."""
+    script = [str(SCRIPT), *flags(assets, output_dir, "--train_batch_size", "4", *extra)]
+    if fsdp:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+                   "--num_processes", "2", "--main_process_port", "0", str(REPO / "tests" / "fsdp_on_cpu.py"), *script]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script]
+    return subprocess.run(command, env={**subprocess_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_fsdp2_shards_trains_like_ddp_and_resumes_exactly(assets, tmp_path):
+    common = ("--mixed_precision", "bf16", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
+              "--validation_steps", "2", "--validation_num_inference_steps", "2")
+    ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
+    for output_dir, use_fsdp in ((ddp, False), (fsdp, True)):
+        result = launch_two_processes(assets, output_dir, *common, "--max_train_steps", "4", fsdp=use_fsdp)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert {"__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(fsdp / "checkpoint-2" / "pytorch_model_fsdp_0"))
+    assert sorted(os.listdir(fsdp / "validation")) == ["step-0000002.png", "step-0000004.png"]
+    # Sharded, the same recipe trains the same weights (bf16 autocast with fp32 weights and reductions, as DDP).
+    for folder in WEIGHT_FOLDERS:
+        ours, reference = folder_weights(fsdp / "checkpoint-4" / folder), folder_weights(ddp / "checkpoint-4" / folder)
+        assert ours.keys() == reference.keys()
+        for key in ours:
+            torch.testing.assert_close(ours[key], reference[key], rtol=1e-4, atol=1e-5, msg=f"{folder} {key}")
+    weight = "blocks.0.attn.to_qkv.weight"
+    assert not torch.equal(folder_weights(fsdp / "checkpoint-2" / "transformer")[weight],
+                           folder_weights(fsdp / "checkpoint-4" / "transformer")[weight])
+    # Stopped at step 2 and resumed from its checkpoint, FSDP ends bit for bit where the straight run does.
+    resumed.mkdir()
+    shutil.copytree(fsdp / "checkpoint-2", resumed / "checkpoint-2")
+    result = launch_two_processes(assets, resumed, *common, "--max_train_steps", "4", "--resume_from_checkpoint",
+                                  "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resumed from {resumed / 'checkpoint-2'} at step 2" in result.stderr
+    for folder in WEIGHT_FOLDERS:
+        assert_same_weights(folder_weights(fsdp / "checkpoint-4" / folder),
+                            folder_weights(resumed / "checkpoint-4" / folder))
+    pipeline = PixelREPAPipeline.from_pretrained(resumed)
+    assert_same_weights(pipeline.transformer.state_dict(), folder_weights(resumed / "checkpoint-4" / "ema_1"))
+
+
+@pytest.mark.parametrize("distributed_type, fsdp_version, message", [
+    (DistributedType.FSDP, 1, "FSDP1 is not supported; set fsdp_version: 2"),
+    (DistributedType.DEEPSPEED, None, "DeepSpeed is not supported"),
+])
+def test_fsdp1_and_deepspeed_are_refused(distributed_type, fsdp_version, message):
+    with pytest.raises(ValueError, match=message):
+        train_pixelrepa.check_distributed_type(distributed_type, fsdp_version)
+    train_pixelrepa.check_distributed_type(DistributedType.FSDP, 2)
+    train_pixelrepa.check_distributed_type(DistributedType.MULTI_GPU, None)
+
+
 def test_sigkill_during_training_then_resume(assets, tmp_path):
     output_dir = tmp_path / "killed"
     command = [sys.executable, str(SCRIPT), *flags(assets, output_dir, "--max_train_steps", "10000",
@@ -374,9 +434,17 @@ def test_ema_follows_the_official_update_from_the_initial_weights():
                 parameter.add_(torch.randn_like(parameter))
         ema.update(model)
         expected = [0.9 * old + 0.1 * parameter.detach() for old, parameter in zip(expected, model.parameters())]
-    for average, value in zip(ema.model.parameters(), expected):
+    for average, value in zip(ema.averages.values(), expected):
         torch.testing.assert_close(average, value, rtol=1e-6, atol=1e-7)
         assert not average.requires_grad
+    state = ema.full_state_dict()
+    assert state.keys() == model.state_dict().keys()
+    restored = ExponentialMovingAverage(model, decay=0.9)
+    restored.load_full_state_dict(state)
+    for name, average in restored.averages.items():
+        assert torch.equal(average, state[name])
+    with pytest.raises(ValueError, match="lacks 1 parameters"):
+        restored.load_full_state_dict({"weight": state["weight"]})
     with pytest.raises(ValueError, match="decay must be in"):
         ExponentialMovingAverage(model, decay=1.0)
 

@@ -91,7 +91,7 @@ def encoder_config(args, transformer_config) -> Dinov2Config:
 
 
 def build_objective(args, device, plain: bool):
-    """Our objective on `device` with a random frozen encoder; `plain` swaps in the materialised fp32 attention."""
+    """(objective, random frozen encoder) on `device`; `plain` swaps in the materialised fp32 attention."""
     transformer = JiTTransformer2DModel.from_preset(args.model, **args.config_overrides)
     config = transformer.config
     encoder_settings = encoder_config(args, config)
@@ -107,25 +107,28 @@ def build_objective(args, device, plain: bool):
     elif args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
         adapter.enable_gradient_checkpointing()
-    objective = PixelREPATrainingObjective(transformer, alignment="pixelrepa", aligner=adapter, encoder=encoder)
-    return objective.to(device).train()
+    objective = PixelREPATrainingObjective(transformer, alignment="pixelrepa", aligner=adapter)
+    return objective.to(device).train(), encoder.to(device)
 
 
 def our_step(args, device, plain: bool):
     """(step, resident tensors) of our training step; `plain` is the baseline of our own."""
-    objective = build_objective(args, device, plain)
+    objective, encoder = build_objective(args, device, plain)
     transformer = objective.transformer
     parameters = [parameter for parameter in objective.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, **ADAMW, fused=not plain)
     emas = [ExponentialMovingAverage(transformer, decay) for decay in EMA_DECAYS]
-    forward = objective
+    forward, encode = objective, encoder
     if args.compile and not plain:
         forward = torch.compile(objective, mode=args.compile_mode, dynamic=False)
+        encode = torch.compile(encoder, mode=args.compile_mode, dynamic=False)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
 
     def step(images, labels):
         with autocast:
-            losses = forward(images, labels)
+            with torch.no_grad():
+                targets = encode(images)
+            losses = forward(images, labels, targets)
         losses["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -133,8 +136,8 @@ def our_step(args, device, plain: bool):
             ema.update(transformer)
 
     def resident():
-        return [*objective.parameters(), *objective.buffers(), *optimizer_state(optimizer),
-                *(parameter for ema in emas for parameter in ema.model.parameters())]
+        return [*objective.parameters(), *objective.buffers(), *encoder.parameters(), *optimizer_state(optimizer),
+                *(average for ema in emas for average in ema.averages.values())]
 
     return step, resident, objective
 

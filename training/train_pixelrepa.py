@@ -3,7 +3,8 @@
     accelerate launch training/train_pixelrepa.py --train_data_dir imagenet/train --output_dir pixelrepa-b16
 
 Defaults are the PixelREPA paper's recipe for JiT-B/16 on ImageNet 256x256 (8 GPUs x 128 images per step).
-Also runs under `torchrun` (on CPU: `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N ...`) or plain `python`.
+Also runs under `torchrun` (on CPU: `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N ...`) or plain `python`, and
+shards under FSDP2: `accelerate launch --config_file training/configs/accelerate_fsdp.yaml ...`.
 Checkpoints (`checkpoint-<step>`) hold the transformer, the adapter or projector and the EMAs as diffusers folders
 (safetensors), the optimizer, lr scheduler and RNG states; the frozen encoder is never saved. At the end, output_dir
 holds a PixelREPAPipeline with the first EMA and a model card.
@@ -20,10 +21,11 @@ import time
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, init_empty_weights
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, load, set_seed
 from diffusers.optimization import SchedulerType, get_scheduler
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from tqdm.auto import tqdm
 
 from pixelrepa_diffusers import (
@@ -50,6 +52,7 @@ logger = get_logger(__name__)
 
 DEFAULT_ALIGNMENT_WEIGHT = {"pixelrepa": 0.1, "repa": 0.5}
 ALIGNER_FOLDER = {"pixelrepa": "adapter", "repa": "projector"}
+ALIGNER_CLASS = {"pixelrepa": MaskedTransformerAdapter, "repa": REPAProjector}
 METHOD_NAME = {"none": "JiT", "repa": "JiT+REPA", "pixelrepa": "PixelREPA"}
 TRAINING_STATE_NAME = "training_state.json"
 
@@ -223,6 +226,16 @@ def check_args(args):
         args.alignment_weight = DEFAULT_ALIGNMENT_WEIGHT[args.alignment]
 
 
+def check_distributed_type(distributed_type, fsdp_version):
+    """Raises ValueError for the accelerate setups the script does not support: DeepSpeed and FSDP1."""
+    if distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("DeepSpeed is not supported; use DDP (`accelerate launch --multi_gpu`) or FSDP2 "
+                         "(`--config_file training/configs/accelerate_fsdp.yaml`)")
+    if distributed_type == DistributedType.FSDP and fsdp_version != 2:
+        raise ValueError(f"FSDP{fsdp_version} is not supported; set fsdp_version: 2 in the accelerate config (see "
+                         "training/configs/accelerate_fsdp.yaml)")
+
+
 def build_transformer(args, num_classes):
     """The transformer to train: a preset, a config file, or pretrained weights; checked against the data."""
     if args.init_from_pretrained is not None:
@@ -246,7 +259,8 @@ def build_aligner(args, transformer, encoder_width):
     """The adapter (pixelrepa) or projector (repa) that maps backbone tokens to the encoder's width."""
     config = transformer.config
     if args.alignment == "repa":
-        return REPAProjector(config.hidden_size, projector_dim=args.projector_dim, out_channels=encoder_width)
+        return REPAProjector(hidden_size=config.hidden_size, projector_dim=args.projector_dim,
+                             out_channels=encoder_width)
     pretrained_adapter = os.path.join(args.init_from_pretrained or "", "adapter")
     if args.init_from_pretrained is not None and os.path.isdir(pretrained_adapter):
         adapter = MaskedTransformerAdapter.from_pretrained(pretrained_adapter)
@@ -278,14 +292,27 @@ def default_guidance_scale(args):
     return CARD_VARIANTS[variant]["guidance_scale"] if variant in CARD_VARIANTS else 1.0
 
 
-def load_model_folder(model, folder, what):
-    """Loads a diffusers folder's weights into `model`, refusing one saved with another config."""
-    saved = type(model).from_pretrained(folder)
-    differences = {key: (value, model.config[key]) for key, value in saved.config.items()
-                   if not key.startswith("_") and model.config.get(key) != value}
+def read_model_folder(model_class, config, folder, what):
+    """The full state dict of a diffusers folder written by this script, refusing one saved with another config."""
+    saved = model_class.from_pretrained(folder)
+    differences = {key: (value, config[key]) for key, value in saved.config.items()
+                   if not key.startswith("_") and config.get(key) != value}
     if differences:
         raise ValueError(f"{what} in {folder} has another config than this run (saved, run): {differences}")
-    load_into(model, saved.state_dict(), what)
+    return saved.state_dict()
+
+
+def unsharded_copy(model_class, config, state_dict):
+    """A plain, frozen `model_class` with `config` that holds the full `state_dict` (e.g. gathered from FSDP shards)."""
+    with init_empty_weights():
+        model = model_class.from_config(config)
+    model.load_state_dict(state_dict, assign=True)
+    return model.requires_grad_(False).eval()
+
+
+def submodule_state(state_dict, prefix):
+    """The entries of `state_dict` under `prefix`, without it."""
+    return {name[len(prefix):]: value for name, value in state_dict.items() if name.startswith(prefix)}
 
 
 def resolve_checkpoint(args):
@@ -326,19 +353,19 @@ def log_validation(accelerator, grid, step, path):
     logger.info(f"Saved validation grid {path}")
 
 
-def save_final_outputs(args, objective, ema, id2label, dataset_description, global_step):
+def save_final_outputs(args, ema_transformer, adapter, split, id2label, dataset_description, global_step):
     """The first EMA as a PixelREPAPipeline in output_dir (plus the adapter, if any) and its model card."""
     pipeline = PixelREPAPipeline(
-        transformer=ema.model,
+        transformer=ema_transformer,
         scheduler=JiTFlowMatchScheduler(t_eps=args.t_eps, noise_scale=args.noise_scale),
         id2label=id2label,
         guidance_scale=args.guidance_scale,
         guidance_interval=(0.1, 1.0),
     )
     pipeline.save_pretrained(args.output_dir, safe_serialization=True)
-    if args.alignment == "pixelrepa":
-        objective.aligner.save_pretrained(os.path.join(args.output_dir, "adapter"), safe_serialization=True)
-    config = objective.transformer.config
+    if adapter is not None:
+        adapter.save_pretrained(os.path.join(args.output_dir, "adapter"), safe_serialization=True)
+    config = ema_transformer.config
     training = {
         "Data": f"{dataset_description}, ADM center crop to {args.resolution} px"
                 + (", random horizontal flip" if args.random_flip else ""),
@@ -356,7 +383,7 @@ def save_final_outputs(args, objective, ema, id2label, dataset_description, glob
                                  f"{args.mask_ratio:.0%} masked, cosine loss to {args.encoder}, weight "
                                  f"{args.alignment_weight}")
     elif args.alignment == "repa":
-        training["Alignment"] = (f"MLP projector on the tokens after block {objective.split}, cosine loss to "
+        training["Alignment"] = (f"MLP projector on the tokens after block {split}, cosine loss to "
                                  f"{args.encoder}, weight {args.alignment_weight}")
     repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
     card = render_model_card(
@@ -397,9 +424,12 @@ def train(args):
     if launched != accelerator.num_processes:
         raise ValueError(f"launched as {launched} processes but accelerate sees {accelerator.num_processes}; on CPU, "
                          "set ACCELERATE_USE_CPU=1 for torchrun")
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ValueError(f"{accelerator.distributed_type.value} is not supported: the EMAs and checkpoints need the "
-                         "full parameters on every process; use DDP (`accelerate launch --multi_gpu`)")
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    check_distributed_type(accelerator.distributed_type, accelerator.state.fsdp_plugin.fsdp_version if fsdp else None)
+    if fsdp:
+        # fp32 weights, gradients and reductions under autocast, as with DDP: FSDP2's bf16 parameter casting would
+        # also cast the images, the noise and the loss to bf16.
+        accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy()
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         for path in remove_incomplete_checkpoints(args.output_dir):
@@ -434,7 +464,7 @@ def train(args):
         if args.alignment == "pixelrepa":
             aligner.enable_gradient_checkpointing()
     objective = PixelREPATrainingObjective(
-        transformer, alignment=args.alignment, aligner=aligner, encoder=encoder,
+        transformer, alignment=args.alignment, aligner=aligner,
         alignment_weight=args.alignment_weight, mask_ratio=args.mask_ratio, repa_depth=args.repa_depth,
         label_dropout=args.label_dropout, p_mean=args.p_mean, p_std=args.p_std, t_eps=args.t_eps,
         noise_scale=args.noise_scale,
@@ -471,25 +501,34 @@ def train(args):
     objective, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         objective, optimizer, train_dataloader, lr_scheduler
     )
-    transformer = accelerator.unwrap_model(objective).transformer
+    trained = accelerator.unwrap_model(objective)  # under FSDP2, the same module with sharded parameters
+    transformer = trained.transformer
+    transformer_config = transformer.config
+    aligner_config = None if trained.aligner is None else trained.aligner.config
+    if encoder is not None:
+        encoder.to(accelerator.device)  # frozen and outside the trained module: never sharded nor saved
     emas = [ExponentialMovingAverage(transformer, decay) for decay in args.ema_decays]
     training_state = {"global_step": 0, "skipped_images": 0}
 
     def save_model_hook(models, weights, output_dir):
+        state = accelerator.get_state_dict(models[0])  # full tensors; collectives under FSDP, as are the EMAs'
+        ema_states = [ema.full_state_dict() for ema in emas]
         if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(models[0])
-            unwrapped.transformer.save_pretrained(os.path.join(output_dir, "transformer"))
-            if unwrapped.aligner is not None:
-                unwrapped.aligner.save_pretrained(os.path.join(output_dir, ALIGNER_FOLDER[args.alignment]))
-            for index, ema in enumerate(emas, start=1):
-                ema.model.save_pretrained(os.path.join(output_dir, f"ema_{index}"))
+            unsharded_copy(JiTTransformer2DModel, transformer_config, submodule_state(state, "transformer.")
+                           ).save_pretrained(os.path.join(output_dir, "transformer"))
+            if aligner_config is not None:
+                unsharded_copy(ALIGNER_CLASS[args.alignment], aligner_config, submodule_state(state, "aligner.")
+                               ).save_pretrained(os.path.join(output_dir, ALIGNER_FOLDER[args.alignment]))
+            for index, ema_state in enumerate(ema_states, start=1):
+                unsharded_copy(JiTTransformer2DModel, transformer_config, ema_state).save_pretrained(
+                    os.path.join(output_dir, f"ema_{index}"))
             state = {**training_state, "alignment": args.alignment, "ema_decays": args.ema_decays}
             with open(os.path.join(output_dir, TRAINING_STATE_NAME), "w") as file:
                 json.dump(state, file, indent=2)
-        weights.pop()  # the models are saved above; accelerate would also save the frozen encoder
+        if weights:  # accelerate's own copy of the models; under FSDP it writes its model shards instead
+            weights.pop()
 
     def load_model_hook(models, input_dir):
-        unwrapped = accelerator.unwrap_model(models.pop())
         # accelerate ignores RNG states it cannot read (weights-only); an inexact resume must fail instead.
         load(os.path.join(input_dir, f"random_states_{accelerator.process_index}.pkl"))
         with open(os.path.join(input_dir, TRAINING_STATE_NAME)) as file:
@@ -497,12 +536,18 @@ def train(args):
         if state["alignment"] != args.alignment or state["ema_decays"] != args.ema_decays:
             raise ValueError(f"{input_dir} was saved with --alignment {state['alignment']} --ema_decays "
                              f"{state['ema_decays']}; resume with the same flags")
-        load_model_folder(unwrapped.transformer, os.path.join(input_dir, "transformer"), "transformer")
-        if unwrapped.aligner is not None:
-            folder = ALIGNER_FOLDER[args.alignment]
-            load_model_folder(unwrapped.aligner, os.path.join(input_dir, folder), folder)
+        if models:  # under FSDP, accelerate has restored the model from its shards and passes no models
+            unwrapped = accelerator.unwrap_model(models.pop())
+            folder = os.path.join(input_dir, "transformer")
+            load_into(unwrapped.transformer, read_model_folder(JiTTransformer2DModel, transformer_config, folder,
+                                                               "transformer"), "transformer")
+            if aligner_config is not None:
+                name = ALIGNER_FOLDER[args.alignment]
+                load_into(unwrapped.aligner, read_model_folder(ALIGNER_CLASS[args.alignment], aligner_config,
+                                                               os.path.join(input_dir, name), name), name)
         for index, ema in enumerate(emas, start=1):
-            load_model_folder(ema.model, os.path.join(input_dir, f"ema_{index}"), f"ema_{index}")
+            ema.load_full_state_dict(read_model_folder(JiTTransformer2DModel, transformer_config,
+                                                       os.path.join(input_dir, f"ema_{index}"), f"ema_{index}"))
         training_state["global_step"] = state["global_step"]
         training_state["skipped_images"] = state["skipped_images"]
 
@@ -568,7 +613,12 @@ def train(args):
                     class_labels = torch.zeros(1, dtype=torch.long, device=accelerator.device)
                     weight = 0.0
                 with accelerator.accumulate(objective):
-                    losses = objective(images, class_labels)
+                    with accelerator.autocast():
+                        targets = None
+                        if encoder is not None:
+                            with torch.no_grad():
+                                targets = encoder(images)
+                        losses = objective(images, class_labels, targets)
                     accelerator.backward(losses["loss"] * weight)
                     optimizer.step()
                     lr_scheduler.step()
@@ -609,22 +659,31 @@ def train(args):
                                                       args.checkpoints_total_limit)
                     logger.info(f"Saved {last_checkpoint}")
 
-                if global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                    os.makedirs(validation_dir, exist_ok=True)
-                    grid = validation_grid(emas[0].model, args, args.validation_classes)
-                    log_validation(accelerator, grid, global_step,
-                                   os.path.join(validation_dir, f"step-{global_step:07d}.png"))
+                if global_step % args.validation_steps == 0:
+                    ema_state = emas[0].full_state_dict()  # every process: a collective under FSDP
+                    if accelerator.is_main_process:
+                        os.makedirs(validation_dir, exist_ok=True)
+                        ema_transformer = unsharded_copy(JiTTransformer2DModel, transformer_config, ema_state)
+                        grid = validation_grid(ema_transformer, args, args.validation_classes)
+                        log_validation(accelerator, grid, global_step,
+                                       os.path.join(validation_dir, f"step-{global_step:07d}.png"))
 
                 if global_step >= args.max_train_steps:
                     break
 
     accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(objective)  # full tensors; collectives under FSDP, as is the EMA's
+    ema_state = emas[0].full_state_dict()
     if accelerator.is_main_process:
         if training_state["skipped_images"]:
             logger.info(f"Skipped {training_state['skipped_images']} unreadable images in total")
         source = args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir))
         id2label = dict(enumerate(dataset.class_names))
-        save_final_outputs(args, accelerator.unwrap_model(objective), emas[0], id2label, source, global_step)
+        ema_transformer = unsharded_copy(JiTTransformer2DModel, transformer_config, ema_state)
+        adapter = None
+        if args.alignment == "pixelrepa":
+            adapter = unsharded_copy(MaskedTransformerAdapter, aligner_config, submodule_state(state, "aligner."))
+        save_final_outputs(args, ema_transformer, adapter, trained.split, id2label, source, global_step)
         logger.info(f"Saved the PixelREPAPipeline (EMA {args.ema_decays[0]}) to {args.output_dir}")
     accelerator.end_training()
 

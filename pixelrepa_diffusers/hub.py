@@ -55,7 +55,7 @@ def render_model_card(
     num_inference_steps: int = 50,
     solver: str = "heun",
     noise_scale: float = 1.0,
-    dataset: str = "imagenet-1k",
+    dataset: str | None = "imagenet-1k",
     fid: float | None = None,
     inception_score: float | None = None,
     metrics_source: str | None = None,
@@ -74,7 +74,7 @@ def render_model_card(
         training: the training recipe, shown as a table of setting -> value.
         weights_source: one sentence saying where the weights come from.
         guidance_scale, guidance_interval, num_inference_steps, solver, noise_scale: the sampling settings.
-        dataset: Hub dataset id of the training data.
+        dataset: Hub dataset id of the training data; None (e.g. a local folder) leaves it out of the metadata.
         fid, inception_score: FID-50K and IS, given together with `metrics_source`, which says who measured them
             (e.g. "as reported by the PixelREPA paper"), and optionally `metrics_source_url`.
         license: license id of the weights.
@@ -87,6 +87,8 @@ def render_model_card(
         raise ValueError(f"guidance_interval must satisfy 0 <= min < max <= 1, got {guidance_interval}.")
     if len({fid is None, inception_score is None, metrics_source is None}) > 1:
         raise ValueError("fid, inception_score and metrics_source must be given together, or all left out.")
+    if fid is not None and dataset is None:
+        raise ValueError("fid and inception_score need the Hub dataset id they were measured on (dataset).")
     resolution, num_classes = architecture["sample_size"], architecture["num_classes"]
     eval_results = None
     if fid is not None:
@@ -111,7 +113,7 @@ def render_model_card(
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation",
         license=license,
-        datasets=[dataset],
+        datasets=None if dataset is None else [dataset],
         tags=["pixelrepa-diffusers", *method.lower().split("+"), "class-conditional", "pixel-space-diffusion"],
         model_name=model_name,
         eval_results=eval_results,

@@ -122,6 +122,8 @@ def test_run_saves_loadable_pipeline_card_and_adapter(pixelrepa_run):
     assert_same_weights(folder_weights(pixelrepa_run / "adapter"), folder_weights(last / "adapter"))
     card = (pixelrepa_run / "README.md").read_text()
     assert "PixelREPA" in card and "0.9 (these weights), 0.5" in card and "7 (global batch 8)" in card
+    assert "data, ADM center crop to 32 px" in card
+    assert ModelCard.load(pixelrepa_run / "README.md").data.datasets is None  # a local folder is no Hub dataset id
 
 
 def test_checkpoints_hold_diffusers_folders_without_the_encoder_and_are_pruned(pixelrepa_run):

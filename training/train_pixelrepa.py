@@ -396,12 +396,19 @@ def save_final_outputs(args, ema_transformer, adapter, split, id2label, dataset_
                         f"the weights are the EMA with decay {args.ema_decays[0]}."),
         guidance_scale=args.guidance_scale,
         noise_scale=args.noise_scale,
-        dataset=dataset_description,
+        dataset=hub_dataset_id(args),
     )
     card.save(os.path.join(args.output_dir, "README.md"))
     if args.push_to_hub:
         url = push_pipeline_to_hub(args.output_dir, args.hub_model_id, card)
         logger.info(f"Pushed the pipeline to {url}")
+
+
+def hub_dataset_id(args):
+    """The Hub id of the training data for the card's metadata; None for local data."""
+    if args.dataset_name is None or os.path.exists(args.dataset_name):
+        return None
+    return args.dataset_name
 
 
 def tracker_config(args):

@@ -45,6 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--shard_dir", default=None, help="default: <output_json without .json>_shards")
     parser.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded with seed + i")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the transformer (static shapes, one graph; each new batch shape compiles "
+                             "once)")
     return parser.parse_args(argv)
 
 
@@ -60,6 +63,8 @@ def evaluate(args):
     if args.solver is not None:
         pipeline.scheduler = JiTFlowMatchScheduler.from_config(pipeline.scheduler.config, solver=args.solver)
     pipeline.to(accelerator.device)
+    if args.compile:
+        pipeline.transformer.compile(dynamic=False, fullgraph=True)
     guidance_interval = None
     if args.guidance_interval_min is not None or args.guidance_interval_max is not None:
         default_min, default_max = pipeline.config.guidance_interval

@@ -25,6 +25,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="transformer dtype (ODE stays fp32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (static shapes)")
     parser.add_argument("--output_dir", default="samples")
     return parser.parse_args(argv)
 
@@ -34,6 +35,8 @@ def main(argv=None) -> int:
     try:
         pipe = PixelREPAPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=DTYPES[args.dtype])
         pipe.to(args.device)
+        if args.compile:
+            pipe.transformer.compile(dynamic=False, fullgraph=True)
         if args.solver is not None:
             pipe.scheduler = JiTFlowMatchScheduler.from_config(pipe.scheduler.config, solver=args.solver)
         labels = [int(label) if label.isdigit() else label for label in args.class_labels]

@@ -201,6 +201,24 @@ def test_rerun_reuses_finished_shards(two_process_run, assets, tmp_path):
         assert new["inception_score_mean"] == pytest.approx(old["inception_score_mean"], rel=1e-5)
 
 
+def test_compiled_transformer_gives_the_same_metrics(two_process_run, assets, tmp_path):
+    output_json, _ = two_process_run
+    eager = json.loads(output_json.read_text())["results"]
+    compiled_json = tmp_path / "compiled.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "pipelines" / "evaluate.py"), *evaluate_arguments(assets, compiled_json),
+         "--compile"],
+        env=cli_environment(), capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    compiled = json.loads(compiled_json.read_text())["results"]
+    assert [result["reused_shards"] for result in compiled] == [0, 0]
+    # Compiled and eager fp32 agree to ~1e-6, which can flip a few uint8 pixels before Inception.
+    for old, new in zip(eager, compiled):
+        assert new["fid"] == pytest.approx(old["fid"], rel=1e-3)
+        assert new["inception_score_mean"] == pytest.approx(old["inception_score_mean"], rel=1e-3)
+
+
 def bad_stats(path, **arrays):
     """An npz of the given arrays."""
     np.savez(path, **arrays)

@@ -1,6 +1,7 @@
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 
 from conftest import random_tiny_transformer
@@ -36,3 +37,16 @@ def test_generate_bad_label_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "class_labels entry 42" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_compiled_writes_the_eager_images(tmp_path):
+    pipe = PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler(), guidance_scale=2.0)
+    pipe.save_pretrained(tmp_path / "pipe")
+    common = ["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--class_labels", "1", "5",
+              "--num_inference_steps", "2"]
+    assert load_cli().main([*common, "--output_dir", str(tmp_path / "eager")]) == 0
+    assert load_cli().main([*common, "--compile", "--output_dir", str(tmp_path / "compiled")]) == 0
+    for name in ("0000-1.png", "0001-5.png"):
+        eager = np.asarray(PIL.Image.open(tmp_path / "eager" / name), dtype=np.int16)
+        compiled = np.asarray(PIL.Image.open(tmp_path / "compiled" / name), dtype=np.int16)
+        assert np.abs(eager - compiled).max() <= 1  # fp32 agreement to ~1e-6, up to uint8 rounding

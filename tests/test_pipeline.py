@@ -111,3 +111,12 @@ def test_save_load_round_trip_in_safetensors(pipe, tmp_path):
 def test_bad_input_is_refused(pipe, kwargs, error, match):
     with pytest.raises(error, match=match):
         pipe(**kwargs)
+
+
+def test_compiled_transformer_samples_like_eager(pipe):
+    """torch.compile (static shapes, one graph) is an optimised path; in fp32 it must sample what eager does."""
+    eager = pipe([1, 7], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    pipe.transformer.compile(dynamic=False, fullgraph=True)
+    compiled = pipe([1, 7], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert not torch.equal(eager[0], eager[1])
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

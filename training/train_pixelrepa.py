@@ -482,7 +482,7 @@ def train(args):
         args.learning_rate = args.base_learning_rate * args.global_batch_size / 256
     optimizer = torch.optim.AdamW(
         optimizer_parameter_groups(objective, args.adam_weight_decay), lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=True,
     )
     train_dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True, collate_fn=collate_train_batch,

@@ -309,15 +309,17 @@ def launch_two_processes(assets, output_dir, *extra, fsdp=True):
 
 
 def test_fsdp2_shards_trains_like_ddp_and_resumes_exactly(assets, tmp_path):
-    common = ("--mixed_precision", "bf16", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
-              "--validation_steps", "2", "--validation_num_inference_steps", "2")
+    common = ("--mixed_precision", "bf16", "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
+              "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--validation_steps", "2",
+              "--validation_num_inference_steps", "2")
     ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
     for output_dir, use_fsdp in ((ddp, False), (fsdp, True)):
         result = launch_two_processes(assets, output_dir, *common, "--max_train_steps", "4", fsdp=use_fsdp)
         assert result.returncode == 0, result.stderr[-3000:]
     assert {"__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(fsdp / "checkpoint-2" / "pytorch_model_fsdp_0"))
     assert sorted(os.listdir(fsdp / "validation")) == ["step-0000002.png", "step-0000004.png"]
-    # Sharded, the same recipe trains the same weights (bf16 autocast with fp32 weights and reductions, as DDP).
+    # Sharded, the same recipe trains the same weights (bf16 autocast with fp32 weights and reductions, as DDP),
+    # also accumulating gradients over 2 batches; 3 steps per epoch, so the resume below skips batches.
     for folder in WEIGHT_FOLDERS:
         ours, reference = folder_weights(fsdp / "checkpoint-4" / folder), folder_weights(ddp / "checkpoint-4" / folder)
         assert ours.keys() == reference.keys()

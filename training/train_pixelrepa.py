@@ -529,9 +529,9 @@ def train(args):
             for index, ema_state in enumerate(ema_states, start=1):
                 unsharded_copy(JiTTransformer2DModel, transformer_config, ema_state).save_pretrained(
                     os.path.join(output_dir, f"ema_{index}"))
-            state = {**training_state, "alignment": args.alignment, "ema_decays": args.ema_decays}
+            run_state = {**training_state, "alignment": args.alignment, "ema_decays": args.ema_decays}
             with open(os.path.join(output_dir, TRAINING_STATE_NAME), "w") as file:
-                json.dump(state, file, indent=2)
+                json.dump(run_state, file, indent=2)
         if weights:  # accelerate's own copy of the models; under FSDP it writes its model shards instead
             weights.pop()
 

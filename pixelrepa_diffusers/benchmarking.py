@@ -5,6 +5,7 @@ nothing of them is kept in this repository.
 """
 
 import importlib
+import json
 import math
 import os
 import statistics
@@ -320,3 +321,17 @@ def describe_machine(device: torch.device) -> dict:
 
 def format_bytes(value) -> str:
     return "n/a (CPU)" if value is None else f"{value / 2**30:.2f} GiB"
+
+
+def run_benchmark_cli(args, run, report) -> int:
+    """A benchmark CLI's body: `run(args)`, print its report and write `--output_json`; bad input is one line."""
+    try:
+        results = run(args)
+    except (ValueError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    report(results)
+    if args.output_json is not None:
+        with open(args.output_json, "w") as file:
+            json.dump(results, file, indent=2)
+    return 0

@@ -33,6 +33,7 @@ from pixelrepa_diffusers.benchmarking import (
     official_denoiser_args,
     official_sources,
     register_official_models,
+    run_benchmark_cli,
     tensor_bytes,
     training_flops,
     vit_encoder_flops,
@@ -272,17 +273,7 @@ def report(results) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        results = run(args)
-    except (ValueError, TypeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    report(results)
-    if args.output_json is not None:
-        with open(args.output_json, "w") as file:
-            json.dump(results, file, indent=2)
-    return 0
+    return run_benchmark_cli(parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@
 import argparse
 import sys
 
-from pixelrepa_diffusers.conversion import WEIGHT_ENTRIES, convert_official_checkpoint
+from pixelrepa_diffusers.conversion import (
+    WEIGHT_ENTRIES,
+    convert_official_checkpoint,
+    convert_official_training_checkpoint,
+)
 
 
 def parse_args(argv=None):
@@ -12,6 +16,9 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True, help="Where to write the pipeline (safetensors).")
     parser.add_argument("--weights", default="ema1", choices=sorted(WEIGHT_ENTRIES),
                         help="Which weights to export; the paper samples with ema1.")
+    parser.add_argument("--for_training", action="store_true",
+                        help="Write a training checkpoint instead of a pipeline: the raw weights, both EMAs, the "
+                             "adapter and the AdamW state, for train_pixelrepa.py --resume_from_checkpoint.")
     parser.add_argument("--model", default=None,
                         help="JiT preset name (e.g. JiT-B/16); default: read from the checkpoint's args.")
     parser.add_argument("--in_context_start", type=int, default=None,
@@ -24,12 +31,16 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        convert_official_checkpoint(args.checkpoint_path, args.output_dir, weights=args.weights, model=args.model,
-                                    in_context_start=args.in_context_start, guidance_scale=args.guidance_scale)
+        if args.for_training:
+            convert_official_training_checkpoint(args.checkpoint_path, args.output_dir, model=args.model,
+                                                 in_context_start=args.in_context_start)
+        else:
+            convert_official_checkpoint(args.checkpoint_path, args.output_dir, weights=args.weights, model=args.model,
+                                        in_context_start=args.in_context_start, guidance_scale=args.guidance_scale)
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"Wrote PixelREPAPipeline to {args.output_dir}")
+    print(f"Wrote a {'training checkpoint' if args.for_training else 'PixelREPAPipeline'} to {args.output_dir}")
     return 0
 
 

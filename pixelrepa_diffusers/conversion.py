@@ -1,6 +1,7 @@
 """Conversion of official PixelREPA / JiT checkpoints (checkpoint-last.pth) to diffusers pipelines."""
 
 import argparse
+import json
 import os
 import pickle
 import re
@@ -9,11 +10,13 @@ import tempfile
 import zipfile
 
 import torch
+from safetensors.torch import save_file
 
 from .adapter_pixelrepa import MaskedTransformerAdapter
 from .hub import CARD_VARIANTS, render_model_card, variant_card_settings
 from .pipeline_pixelrepa import PixelREPAPipeline
 from .scheduling_jit_flow_match import JiTFlowMatchScheduler
+from .training_utils import OPTIMIZER_MOMENTS_NAME, TRAINING_STATE_NAME, load_into
 from .transformer_jit import JIT_PRESETS, JiTTransformer2DModel
 
 # The only non-tensor class an official checkpoint holds: its training args.
@@ -147,19 +150,6 @@ def infer_adapter_config(state_dict: dict, transformer_config: dict) -> dict:
     )
 
 
-def load_into(model: torch.nn.Module, state_dict: dict, what: str) -> None:
-    """Loads `state_dict` strictly, naming missing/unexpected keys in a ValueError."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{what}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}.")
-    for key, value in state_dict.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(f"{what}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}.")
-    model.load_state_dict(state_dict)
-
-
 def imagenet_id2label(num_classes: int) -> dict[int, str]:
     """ImageNet-1k class names (torchvision's list) when the model has 1000 classes, else no names."""
     if num_classes != 1000:
@@ -251,3 +241,101 @@ def write_atomically(output_dir: str, write) -> None:
         os.replace(tmp_dir, output_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def official_trainable_names(model_state: dict) -> list[str]:
+    """
+    The official run's trainable parameters (Denoiser names) in the order of its AdamW state: util/misc.py
+    add_weight_decay puts 1-D parameters and biases in the first group, the rest in the second.
+    """
+    trainable = [key for key in model_state
+                 if key.startswith(("net.", "masked_transformer_adapter.")) and key != "net.pos_embed"]
+    no_decay = [key for key in trainable if model_state[key].ndim == 1 or key.endswith(".bias")]
+    return no_decay + [key for key in trainable if key not in set(no_decay)]
+
+
+def training_parameter_name(official_name: str) -> str:
+    """Our PixelREPATrainingObjective parameter name for an official Denoiser parameter name."""
+    for official_prefix, prefix in (("net.", "transformer."), ("masked_transformer_adapter.", "aligner.")):
+        if official_name.startswith(official_prefix):
+            return prefix + next(iter(rename_official_keys({official_name: None}, official_prefix)))
+    raise ValueError(f"{official_name!r} is neither a backbone nor an adapter parameter.")
+
+
+def official_adamw_moments(checkpoint: dict, parameter_names: set[str]) -> dict[str, torch.Tensor]:
+    """
+    The official AdamW state as `<our parameter name>.<step|exp_avg|exp_avg_sq>` tensors, for every parameter in
+    `parameter_names`; official parameters we do not have (the adapter's unused projection head) are left out.
+    """
+    optimizer = checkpoint.get("optimizer")
+    if not isinstance(optimizer, dict) or not optimizer.get("state"):
+        raise ValueError("the checkpoint has no AdamW state ('optimizer' is missing or empty), so the run cannot be "
+                         "continued; use --init_from_pretrained on a converted pipeline to fine-tune instead.")
+    names = official_trainable_names(checkpoint["model"])
+    indices = [index for group in optimizer["param_groups"] for index in group["params"]]
+    if indices != list(range(len(names))):
+        raise ValueError(f"the optimizer state holds {len(indices)} parameters but the model has {len(names)} "
+                         "trainable ones; it was not saved by the official code from this model.")
+    moments = {}
+    for index, official_name in enumerate(names):
+        name = training_parameter_name(official_name)
+        if name not in parameter_names:
+            continue
+        if index not in optimizer["state"]:
+            raise ValueError(f"the optimizer state has no moments for {official_name!r}.")
+        for field in ("step", "exp_avg", "exp_avg_sq"):
+            moments[f"{name}.{field}"] = torch.as_tensor(optimizer["state"][index][field], dtype=torch.float32)
+    missing = sorted(parameter_names - {key.rsplit(".", 1)[0] for key in moments})
+    if missing:
+        raise ValueError(f"the official checkpoint has no parameter for {missing[:5]}.")
+    return moments
+
+
+def convert_official_training_checkpoint(checkpoint_path: str, output_dir: str, model: str | None = None,
+                                         in_context_start: int | None = None) -> None:
+    """
+    Writes a training checkpoint that `train_pixelrepa.py --resume_from_checkpoint` continues: the raw weights as
+    the trained transformer, ema1 and ema2 as the two EMAs, the adapter, the AdamW moments mapped to our parameters,
+    and the number of finished epochs.
+    """
+    checkpoint = load_official_checkpoint(checkpoint_path)
+    args = checkpoint["args"]
+    if "epoch" not in checkpoint:
+        raise ValueError(f"{checkpoint_path!r} has no 'epoch' entry, so the run cannot be continued.")
+    folders = {}
+    for folder, weights in (("transformer", "model"), ("ema_1", "ema1"), ("ema_2", "ema2")):
+        official_backbone = backbone_state_dict(checkpoint, weights)
+        config = infer_transformer_config(official_backbone, args, model, in_context_start)
+        folders[folder] = JiTTransformer2DModel(**config)
+        load_into(folders[folder], rename_official_keys(official_backbone), folder)
+    adapter_prefix = "masked_transformer_adapter."
+    official_adapter = {key[len(adapter_prefix) :]: value for key, value in checkpoint["model"].items()
+                        if key.startswith(adapter_prefix)}
+    if official_adapter:
+        adapter = MaskedTransformerAdapter(**infer_adapter_config(official_adapter, config))
+        adapter_state = rename_official_keys(official_adapter)
+        if adapter.projection is None:
+            adapter_state = {key: value for key, value in adapter_state.items() if not key.startswith("projection.")}
+        load_into(adapter, adapter_state, "adapter")
+        folders["adapter"] = adapter
+    parameter_names = {f"transformer.{name}" for name, _ in folders["transformer"].named_parameters()}
+    if not official_adapter:
+        parameter_names.discard("transformer.mask_token")  # trained only with the adapter
+    else:
+        parameter_names |= {f"aligner.{name}" for name, _ in folders["adapter"].named_parameters()}
+    moments = official_adamw_moments(checkpoint, parameter_names)
+    run_state = {
+        "official_epochs": int(checkpoint["epoch"]) + 1,
+        "alignment": "pixelrepa" if official_adapter else "none",
+        "ema_decays": [float(args.ema_decay1), float(args.ema_decay2)],
+        "official_args": {key: str(value) for key, value in sorted(vars(args).items())},
+    }
+
+    def write(directory):
+        for name, module in folders.items():
+            module.save_pretrained(os.path.join(directory, name), safe_serialization=True)
+        save_file(moments, os.path.join(directory, OPTIMIZER_MOMENTS_NAME))
+        with open(os.path.join(directory, TRAINING_STATE_NAME), "w") as file:
+            json.dump(run_state, file, indent=2)
+
+    write_atomically(output_dir, write)

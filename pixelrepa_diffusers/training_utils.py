@@ -11,6 +11,10 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TEMPORARY_PREFIX = ".tmp-checkpoint-"
+TRAINING_STATE_NAME = "training_state.json"
+# The AdamW state of a training checkpoint converted from an official run, as `<parameter>.<field>` tensors.
+OPTIMIZER_MOMENTS_NAME = "optimizer_moments.safetensors"
+ADAMW_FIELDS = ("step", "exp_avg", "exp_avg_sq")
 
 
 class ExponentialMovingAverage:
@@ -50,6 +54,42 @@ class ExponentialMovingAverage:
             if isinstance(average, DTensor):
                 value = distribute_tensor(value, average.device_mesh, average.placements)
             average.copy_(value)
+
+
+def load_into(model: torch.nn.Module, state_dict: dict, what: str) -> None:
+    """Loads `state_dict` strictly, naming missing/unexpected keys in a ValueError."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{what}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}.")
+    for key, value in state_dict.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"{what}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}.")
+    model.load_state_dict(state_dict)
+
+
+def read_model_folder(model_class, config, folder: str, what: str) -> dict[str, torch.Tensor]:
+    """The full state dict of a saved diffusers model folder, refusing one saved with another config than `config`."""
+    saved = model_class.from_pretrained(folder)
+    differences = {key: (value, config[key]) for key, value in saved.config.items()
+                   if not key.startswith("_") and config.get(key) != value}
+    if differences:
+        raise ValueError(f"{what} in {folder} has another config than this run (saved, run): {differences}")
+    return saved.state_dict()
+
+
+def load_adamw_moments(optimizer: torch.optim.Optimizer, module: torch.nn.Module, moments: dict) -> None:
+    """Sets the AdamW state of every parameter `optimizer` trains from `moments` (`<name in module>.<field>`)."""
+    names = {id(parameter): name for name, parameter in module.named_parameters()}
+    trained = [names[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
+    expected = {f"{name}.{field}" for name in trained for field in ADAMW_FIELDS}
+    if set(moments) != expected:
+        missing, unexpected = sorted(expected - set(moments)), sorted(set(moments) - expected)
+        raise ValueError(f"the AdamW moments do not fit the trained parameters: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}.")
+    state = {index: {field: moments[f"{name}.{field}"] for field in ADAMW_FIELDS} for index, name in enumerate(trained)}
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:

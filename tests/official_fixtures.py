@@ -15,7 +15,7 @@ def load_fixture(name: str):
     with safe_open(FIXTURES / name, "pt") as handle:
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         metadata = dict(handle.metadata())
-    for key in ("config", "cases", "denoiser_args"):
+    for key in ("config", "cases", "denoiser_args", "args", "net_manifest", "adapter_manifest", "weights_seeds"):
         if key in metadata:
             metadata[key] = json.loads(metadata[key])
     return tensors, metadata

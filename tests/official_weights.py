@@ -30,3 +30,47 @@ def random_official_state_dict(manifest, seed):
         else:
             state_dict[key] = 0.1 * draw
     return state_dict
+
+
+def official_adamw_groups(model_state):
+    """The official AdamW parameter groups (util/misc.py add_weight_decay) as lists of Denoiser parameter names."""
+    trainable = [key for key in model_state
+                 if key.startswith(("net.", "masked_transformer_adapter.")) and key != "net.pos_embed"]
+    no_decay = [key for key in trainable if model_state[key].ndim == 1 or key.endswith(".bias")]
+    decay = [key for key in trainable if key not in no_decay]
+    return no_decay, decay
+
+
+def official_training_checkpoint(net_state, adapter_state, other_state, args, epoch, seed):
+    """
+    A checkpoint-last.pth dict as the official PixelREPA code saves it (util/misc.py save_model), with random non-zero
+    EMAs and AdamW moments for every trainable parameter. `other_state` holds the Denoiser's remaining entries (frozen
+    encoder, normalisation buffers). Without `adapter_state`, the JiT layout: `net.` keys in all three weight entries.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    model = {f"net.{key}": value for key, value in net_state.items()}
+    model.update(other_state)
+    if adapter_state is not None:
+        model.update({f"masked_transformer_adapter.{key}": value for key, value in adapter_state.items()})
+    emas = []
+    for _ in range(2):
+        ema = {key: value + 0.05 * torch.randn(value.shape, generator=generator) for key, value in net_state.items()}
+        ema["pos_embed"] = net_state["pos_embed"]  # frozen: its average is itself
+        emas.append(ema if adapter_state is not None else {f"net.{key}": value for key, value in ema.items()})
+    groups = official_adamw_groups(model)
+    state, param_groups, index = {}, [], 0
+    for names, weight_decay in zip(groups, (0.0, args.weight_decay)):
+        indices = list(range(index, index + len(names)))
+        for position, name in zip(indices, names):
+            shape = model[name].shape
+            state[position] = {
+                "step": torch.tensor(float(epoch * 7 + 3)),
+                "exp_avg": 1e-3 * torch.randn(shape, generator=generator),
+                "exp_avg_sq": 1e-6 * (0.5 + torch.rand(shape, generator=generator)),
+            }
+        param_groups.append(dict(lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay, amsgrad=False,
+                                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                                 decoupled_weight_decay=True, params=indices))
+        index += len(names)
+    return {"model": model, "optimizer": {"state": state, "param_groups": param_groups}, "epoch": epoch,
+            "args": args, "model_ema1": emas[0], "model_ema2": emas[1]}

@@ -269,23 +269,52 @@ def test_repa_and_plain_jit_runs(assets, tmp_path, alignment, folder):
     PixelREPAPipeline.from_pretrained(tmp_path)
 
 
-def test_init_from_pretrained_starts_from_its_weights(assets, pixelrepa_run, tmp_path):
+def test_init_from_pretrained_starts_from_its_weights_and_guidance(assets, pixelrepa_run, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(pixelrepa_run, source, ignore=shutil.ignore_patterns("checkpoint-*", "logs", "validation"))
+    model_index = json.loads((source / "model_index.json").read_text())
+    (source / "model_index.json").write_text(json.dumps({**model_index, "guidance_scale": 2.5}))
     # With a zero learning rate, one step leaves the weights (and so the EMAs) where they started.
-    assert train(assets, tmp_path, "--init_from_pretrained", str(pixelrepa_run), "--max_train_steps", "1",
+    assert train(assets, tmp_path / "out", "--init_from_pretrained", str(source), "--max_train_steps", "1",
                  "--learning_rate", "0", "--checkpointing_steps", "1") == 0
     for folder in ("transformer", "adapter"):
-        assert_same_weights(folder_weights(tmp_path / "checkpoint-1" / folder), folder_weights(pixelrepa_run / folder))
+        assert_same_weights(folder_weights(tmp_path / "out" / "checkpoint-1" / folder), folder_weights(source / folder))
+    assert PixelREPAPipeline.from_pretrained(tmp_path / "out").config.guidance_scale == 2.5  # the source's
+
+
+def base_learning_rate_flags(assets, output_dir, *extra):
+    """The tiny run's flags with the official lr rule (--base_learning_rate) instead of an absolute lr."""
+    command = flags(assets, output_dir, *extra)
+    index = command.index("--learning_rate")
+    return command[:index] + ["--base_learning_rate", "0.032"] + command[index + 2:]
+
+
+def optimizer_learning_rate(checkpoint):
+    return torch.load(checkpoint / "optimizer.bin", weights_only=True)["param_groups"][0]["lr"]
+
+
+def test_learning_rate_follows_the_global_batch_in_one_process(assets, tmp_path, caplog):
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with caplog.at_level("INFO"):
+        assert train_pixelrepa.main(base_learning_rate_flags(assets, tmp_path, "--train_batch_size", "4",
+                                                             "--max_train_steps", "3", "--checkpointing_steps", "3")) == 0
+    assert "lr 0.0005 (--base_learning_rate 0.032 x global batch 4 / 256)" in caplog.text
+    assert optimizer_learning_rate(tmp_path / "checkpoint-3") == pytest.approx(5e-4, rel=1e-12)  # past 2 warm-up steps
 
 
 def test_ddp_two_cpu_processes_save_a_loadable_pipeline(assets, tmp_path):
     output_dir = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(SCRIPT), *flags(assets, output_dir, "--train_batch_size", "4", "--max_train_steps", "3",
-                                   "--checkpointing_steps", "3")]
+               str(SCRIPT), *base_learning_rate_flags(assets, output_dir, "--train_batch_size", "4",
+                                                      "--max_train_steps", "3", "--checkpointing_steps", "3")]
     result = subprocess.run(command, env={**subprocess_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "3 steps of 8 images" in result.stderr  # 2 processes x 4 images
+    # The official rule: twice the global batch of the one-process run, twice its learning rate.
+    assert "lr 0.001 (--base_learning_rate 0.032 x global batch 8 / 256)" in result.stderr
+    assert optimizer_learning_rate(output_dir / "checkpoint-3") == pytest.approx(1e-3, rel=1e-12)
     checkpoint = output_dir / "checkpoint-3"
     ranks = [accelerate_load(checkpoint / f"random_states_{rank}.pkl") for rank in (0, 1)]
     assert not torch.equal(ranks[0]["torch_manual_seed"], ranks[1]["torch_manual_seed"]), "ranks must draw other noise"

@@ -25,6 +25,7 @@ from accelerate import Accelerator, init_empty_weights
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, load, set_seed
 from diffusers.optimization import SchedulerType, get_scheduler
+from safetensors.torch import load_file
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from tqdm.auto import tqdm
 
@@ -35,15 +36,19 @@ from pixelrepa_diffusers import (
     MaskedTransformerAdapter,
     PixelREPAPipeline,
 )
-from pixelrepa_diffusers.conversion import load_into
 from pixelrepa_diffusers.data import collate_train_batch, load_train_dataset
 from pixelrepa_diffusers.encoders import load_alignment_encoder
 from pixelrepa_diffusers.hub import CARD_VARIANTS, push_pipeline_to_hub, render_model_card
 from pixelrepa_diffusers.losses import ALIGNMENTS, PixelREPATrainingObjective, REPAProjector
 from pixelrepa_diffusers.training_utils import (
+    OPTIMIZER_MOMENTS_NAME,
+    TRAINING_STATE_NAME,
     ExponentialMovingAverage,
     image_grid,
     latest_checkpoint,
+    load_adamw_moments,
+    load_into,
+    read_model_folder,
     remove_incomplete_checkpoints,
     save_checkpoint,
 )
@@ -54,7 +59,6 @@ DEFAULT_ALIGNMENT_WEIGHT = {"pixelrepa": 0.1, "repa": 0.5}
 ALIGNER_FOLDER = {"pixelrepa": "adapter", "repa": "projector"}
 ALIGNER_CLASS = {"pixelrepa": MaskedTransformerAdapter, "repa": REPAProjector}
 METHOD_NAME = {"none": "JiT", "repa": "JiT+REPA", "pixelrepa": "PixelREPA"}
-TRAINING_STATE_NAME = "training_state.json"
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -146,11 +150,10 @@ def build_parser():
     optimization.add_argument("--num_train_epochs", type=int, default=600, help="Epochs, unless --max_train_steps.")
     optimization.add_argument("--max_train_steps", type=int, default=None,
                               help="Optimizer steps; overrides --num_train_epochs.")
-    optimization.add_argument("--learning_rate", type=float, default=2e-4,
-                              help="Learning rate (the paper: 5e-5 x global batch 1024 / 256).")
-    optimization.add_argument("--base_learning_rate", type=float, default=None,
-                              help="If given, the learning rate is this x global batch / 256 (the official rule; "
-                                   "the paper's base is 5e-5).")
+    optimization.add_argument("--base_learning_rate", type=float, default=5e-5,
+                              help="The learning rate is this x the global batch / 256 (the official rule).")
+    optimization.add_argument("--learning_rate", type=float, default=None,
+                              help="An absolute learning rate instead of the --base_learning_rate rule.")
     optimization.add_argument("--lr_scheduler", default="constant_with_warmup",
                               choices=[scheduler.value for scheduler in SchedulerType], help="Learning rate schedule.")
     optimization.add_argument("--lr_warmup_steps", type=int, default=None,
@@ -183,8 +186,9 @@ def build_parser():
     output.add_argument("--validation_images_per_class", type=int, default=4, help="Columns of the validation grid.")
     output.add_argument("--validation_num_inference_steps", type=int, default=50, help="Heun steps for validation.")
     output.add_argument("--guidance_scale", type=float, default=None,
-                        help="Guidance scale of validation and of the saved pipeline; default: the paper's for "
-                             "--model (PixelREPA B/L/H-16: 3.1/2.8/2.4; JiT, also for repa: 3.0/2.4/2.2), else 1.0.")
+                        help="Guidance scale of validation and of the saved pipeline; default: that of the "
+                             "--init_from_pretrained pipeline, else the paper's for --model (PixelREPA B/L/H-16: "
+                             "3.1/2.8/2.4; JiT, also for repa: 3.0/2.4/2.2), else 1.0.")
     output.add_argument("--push_to_hub", action="store_true",
                         help="Upload the final pipeline and card (not the checkpoints) to --hub_model_id.")
     output.add_argument("--hub_model_id", default=None, help="Hub repository id for --push_to_hub.")
@@ -284,22 +288,22 @@ def optimizer_parameter_groups(module, weight_decay):
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+def resolve_learning_rate(args, global_batch_size):
+    """The run's learning rate and how it was derived: --learning_rate, else --base_learning_rate x batch / 256."""
+    if args.learning_rate is not None:
+        return args.learning_rate, "--learning_rate"
+    learning_rate = args.base_learning_rate * global_batch_size / 256
+    return learning_rate, f"--base_learning_rate {args.base_learning_rate:g} x global batch {global_batch_size} / 256"
+
+
 def default_guidance_scale(args):
-    """The paper's guidance scale for the run's preset and method, else 1.0 (no guidance)."""
-    if args.init_from_pretrained is not None or args.model_config_path is not None:
+    """The source pipeline's guidance scale, else the paper's for the run's preset and method, else 1.0 (none)."""
+    if args.init_from_pretrained is not None:
+        return PixelREPAPipeline.load_config(args.init_from_pretrained)["guidance_scale"]
+    if args.model_config_path is not None:
         return 1.0
     variant = args.model.replace("JiT", "PixelREPA") if args.alignment == "pixelrepa" else args.model
     return CARD_VARIANTS[variant]["guidance_scale"] if variant in CARD_VARIANTS else 1.0
-
-
-def read_model_folder(model_class, config, folder, what):
-    """The full state dict of a diffusers folder written by this script, refusing one saved with another config."""
-    saved = model_class.from_pretrained(folder)
-    differences = {key: (value, config[key]) for key, value in saved.config.items()
-                   if not key.startswith("_") and config.get(key) != value}
-    if differences:
-        raise ValueError(f"{what} in {folder} has another config than this run (saved, run): {differences}")
-    return saved.state_dict()
 
 
 def unsharded_copy(model_class, config, state_dict):
@@ -313,6 +317,41 @@ def unsharded_copy(model_class, config, state_dict):
 def submodule_state(state_dict, prefix):
     """The entries of `state_dict` under `prefix`, without it."""
     return {name[len(prefix):]: value for name, value in state_dict.items() if name.startswith(prefix)}
+
+
+def read_run_state(checkpoint, args):
+    """The training_state.json of a checkpoint, refused before any step when it was saved with other flags."""
+    with open(os.path.join(checkpoint, TRAINING_STATE_NAME)) as file:
+        state = json.load(file)
+    if state["alignment"] != args.alignment or state["ema_decays"] != args.ema_decays:
+        raise ValueError(f"{checkpoint} was saved with --alignment {state['alignment']} --ema_decays "
+                         f"{' '.join(map(str, state['ema_decays']))}; resume with the same flags")
+    return state
+
+
+def load_model_folders(input_dir, trained, emas, transformer_config, alignment):
+    """Loads a checkpoint's transformer and adapter or projector into `trained` (unless None) and its EMAs."""
+    if trained is not None:
+        folder = os.path.join(input_dir, "transformer")
+        load_into(trained.transformer, read_model_folder(JiTTransformer2DModel, transformer_config, folder,
+                                                         "transformer"), "transformer")
+        if trained.aligner is not None:
+            name = ALIGNER_FOLDER[alignment]
+            load_into(trained.aligner, read_model_folder(ALIGNER_CLASS[alignment], trained.aligner.config,
+                                                         os.path.join(input_dir, name), name), name)
+    for index, ema in enumerate(emas, start=1):
+        ema.load_full_state_dict(read_model_folder(JiTTransformer2DModel, transformer_config,
+                                                   os.path.join(input_dir, f"ema_{index}"), f"ema_{index}"))
+
+
+def build_lr_scheduler(args, optimizer, num_processes, start_step):
+    """The lr schedule, already `start_step` optimizer steps along; it steps once per process per optimizer step."""
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes, last_epoch=start_step * num_processes - 1,
+    )
 
 
 def resolve_checkpoint(args):
@@ -371,7 +410,8 @@ def save_final_outputs(args, ema_transformer, adapter, split, id2label, dataset_
                 + (", random horizontal flip" if args.random_flip else ""),
         "Steps": f"{global_step} (global batch {args.global_batch_size})",
         "Optimizer": f"AdamW, betas ({args.adam_beta1}, {args.adam_beta2}), weight decay {args.adam_weight_decay}",
-        "Learning rate": f"{args.learning_rate:g}, {args.lr_scheduler} with {args.lr_warmup_steps} warm-up steps",
+        "Learning rate": "{:g} ({}), {} with {} warm-up steps".format(
+            *resolve_learning_rate(args, args.global_batch_size), args.lr_scheduler, args.lr_warmup_steps),
         "Diffusion": f"x-prediction with v-loss; t = sigmoid(N({args.p_mean}, {args.p_std}^2)); t_eps {args.t_eps}; "
                      f"noise scale {args.noise_scale}",
         "Label dropout": f"{args.label_dropout}",
@@ -442,6 +482,11 @@ def train(args):
         for path in remove_incomplete_checkpoints(args.output_dir):
             logger.info(f"Removed the incomplete checkpoint {path}")
     checkpoint = resolve_checkpoint(args)
+    run_state = None if checkpoint is None else read_run_state(checkpoint, args)
+    official_epochs = None if run_state is None else run_state.get("official_epochs")
+    if official_epochs is not None and fsdp:
+        raise ValueError(f"{checkpoint} is a converted official run; continue it under DDP or in one process "
+                         "(its AdamW state is loaded unsharded)")
 
     dataset = load_train_dataset(
         train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
@@ -478,10 +523,9 @@ def train(args):
     )
 
     args.global_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    if args.base_learning_rate is not None:
-        args.learning_rate = args.base_learning_rate * args.global_batch_size / 256
+    learning_rate, learning_rate_origin = resolve_learning_rate(args, args.global_batch_size)
     optimizer = torch.optim.AdamW(
-        optimizer_parameter_groups(objective, args.adam_weight_decay), lr=args.learning_rate,
+        optimizer_parameter_groups(objective, args.adam_weight_decay), lr=learning_rate,
         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=True,
     )
     train_dataloader = torch.utils.data.DataLoader(
@@ -500,10 +544,9 @@ def train(args):
         args.lr_warmup_steps = 5 * steps_per_epoch
     if args.guidance_scale is None:
         args.guidance_scale = default_guidance_scale(args)
-    lr_scheduler = get_scheduler(  # the prepared scheduler steps once per process per optimizer step
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    # An official run continues at the step its finished epochs count, with the schedule already that far along.
+    start_step = 0 if official_epochs is None else official_epochs * steps_per_epoch
+    lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes, start_step)
 
     objective, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         objective, optimizer, train_dataloader, lr_scheduler
@@ -538,31 +581,23 @@ def train(args):
     def load_model_hook(models, input_dir):
         # accelerate ignores RNG states it cannot read (weights-only); an inexact resume must fail instead.
         load(os.path.join(input_dir, f"random_states_{accelerator.process_index}.pkl"))
-        with open(os.path.join(input_dir, TRAINING_STATE_NAME)) as file:
-            state = json.load(file)
-        if state["alignment"] != args.alignment or state["ema_decays"] != args.ema_decays:
-            raise ValueError(f"{input_dir} was saved with --alignment {state['alignment']} --ema_decays "
-                             f"{state['ema_decays']}; resume with the same flags")
-        if models:  # under FSDP, accelerate has restored the model from its shards and passes no models
-            unwrapped = accelerator.unwrap_model(models.pop())
-            folder = os.path.join(input_dir, "transformer")
-            load_into(unwrapped.transformer, read_model_folder(JiTTransformer2DModel, transformer_config, folder,
-                                                               "transformer"), "transformer")
-            if aligner_config is not None:
-                name = ALIGNER_FOLDER[args.alignment]
-                load_into(unwrapped.aligner, read_model_folder(ALIGNER_CLASS[args.alignment], aligner_config,
-                                                               os.path.join(input_dir, name), name), name)
-        for index, ema in enumerate(emas, start=1):
-            ema.load_full_state_dict(read_model_folder(JiTTransformer2DModel, transformer_config,
-                                                       os.path.join(input_dir, f"ema_{index}"), f"ema_{index}"))
-        training_state["global_step"] = state["global_step"]
-        training_state["skipped_images"] = state["skipped_images"]
+        # under FSDP, accelerate has restored the model from its shards and passes no models
+        unwrapped = accelerator.unwrap_model(models.pop()) if models else None
+        load_model_folders(input_dir, unwrapped, emas, transformer_config, args.alignment)
+        training_state["global_step"] = run_state["global_step"]
+        training_state["skipped_images"] = run_state["skipped_images"]
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
     set_seed(args.seed, device_specific=True)  # each process draws its own noise; a resume restores the RNGs
-    if checkpoint is not None:
+    if official_epochs is not None:
+        load_model_folders(checkpoint, trained, emas, transformer_config, args.alignment)
+        load_adamw_moments(optimizer, trained, load_file(os.path.join(checkpoint, OPTIMIZER_MOMENTS_NAME)))
+        training_state["global_step"] = start_step
+        logger.info(f"Continuing the official run in {checkpoint} after {official_epochs} epochs, at step "
+                    f"{start_step}")
+    elif checkpoint is not None:
         try:
             accelerator.load_state(checkpoint)
         except pickle.UnpicklingError as error:
@@ -577,7 +612,8 @@ def train(args):
 
     accelerator.init_trackers("train_pixelrepa", config=tracker_config(args))
     logger.info(f"{len(dataset)} images of {len(dataset.class_names)} classes; {args.max_train_steps} steps of "
-                f"{args.global_batch_size} images ({args.num_train_epochs} epochs), lr {args.learning_rate:g}, "
+                f"{args.global_batch_size} images ({args.num_train_epochs} epochs), lr {learning_rate:g} "
+                f"({learning_rate_origin}), "
                 f"alignment {args.alignment}")
     validation_dir = os.path.join(args.output_dir, "validation")
 

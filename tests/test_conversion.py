@@ -3,6 +3,7 @@
 import argparse
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -220,7 +221,8 @@ def width_tensors():
 
 @pytest.fixture(scope="module")
 def converted_width(tmp_path_factory, variants):
-    """variant -> pipeline folder converted by the CLI from an official-format checkpoint of its width model."""
+    """variant -> pipeline folder converted by the CLI from an official-format checkpoint of its width model (the
+    checkpoints are 100-534 MB, so each is deleted once converted, and the folders at the end)."""
     folders = {}
     cli = load_cli()
 
@@ -240,7 +242,9 @@ def converted_width(tmp_path_factory, variants):
             folders[variant] = directory / "pipe"
         return folders[variant]
 
-    return convert
+    yield convert
+    for folder in folders.values():
+        shutil.rmtree(folder)
 
 
 def load_cli():
@@ -397,3 +401,4 @@ def test_full_size_jit_checkpoint_converts_with_its_published_defaults(variants,
     assert "official 600-epoch checkpoint (EMA 0.9999), converted" in card and "512x512 images" in card
     assert "| Initial noise scale | 2.0 |" in card and "jit_in512_stats.npz" in card and "| FID-50K | 4.02 |" in card
     assert "Inception Score" not in card
+    shutil.rmtree(tmp_path / "JiT-B-32")  # 533 MB

@@ -5,7 +5,14 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from .transformer_jit import JiTBlock, TimestepEmbedder, check_preset, init_jit_weights, rotary_cos_sin
+from .transformer_jit import (
+    JiTBlock,
+    TimestepEmbedder,
+    check_preset,
+    init_jit_weights,
+    rotary_cos_sin,
+    swiglu_inner_dim,
+)
 
 
 class ProjectionHead(nn.Module):
@@ -26,7 +33,8 @@ class MaskedTransformerAdapter(ModelMixin, ConfigMixin):
     """
     Two JiT blocks with their own in-context class tokens and t/label embeddings, applied to the (partly masked)
     tokens of the JiT encoder half and aligned to a frozen encoder's patch features. The projection head exists only
-    when `hidden_size != out_channels`. Masking is done by the caller with the backbone's `mask_token`.
+    when `hidden_size != out_channels`. Masking is done by the caller with the backbone's `mask_token`. The SwiGLU
+    inner width is `ff_inner_dim`, or when None the official `swiglu_inner_dim(hidden_size, mlp_ratio)`.
     """
 
     _supports_gradient_checkpointing = True
@@ -40,6 +48,7 @@ class MaskedTransformerAdapter(ModelMixin, ConfigMixin):
         num_layers: int = 2,
         num_attention_heads: int = 12,
         mlp_ratio: float = 4.0,
+        ff_inner_dim: int | None = None,
         num_classes: int = 1000,
         in_context_len: int = 32,
         out_channels: int = 768,
@@ -56,8 +65,10 @@ class MaskedTransformerAdapter(ModelMixin, ConfigMixin):
         self.timestep_embedder = TimestepEmbedder(hidden_size)
         self.class_embedding = nn.Embedding(num_classes + 1, hidden_size)
         self.in_context_pos_embed = nn.Parameter(torch.zeros(1, in_context_len, hidden_size))
+        if ff_inner_dim is None:
+            ff_inner_dim = swiglu_inner_dim(hidden_size, mlp_ratio)
         self.blocks = nn.ModuleList(
-            [JiTBlock(hidden_size, num_attention_heads, mlp_ratio, 0.0, 0.0) for _ in range(num_layers)]
+            [JiTBlock(hidden_size, num_attention_heads, ff_inner_dim, 0.0, 0.0) for _ in range(num_layers)]
         )
         self.projection = ProjectionHead(hidden_size, out_channels) if hidden_size != out_channels else None
         init_jit_weights(self)

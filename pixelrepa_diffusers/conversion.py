@@ -17,11 +17,20 @@ from .hub import CARD_VARIANTS, render_model_card, variant_card_settings
 from .pipeline_pixelrepa import PixelREPAPipeline
 from .scheduling_jit_flow_match import JiTFlowMatchScheduler
 from .training_utils import OPTIMIZER_MOMENTS_NAME, TRAINING_STATE_NAME, load_into
-from .transformer_jit import JIT_PRESETS, JiTTransformer2DModel
+from .transformer_jit import JIT_PRESETS, JiTTransformer2DModel, swiglu_inner_dim
 
 # The only non-tensor class an official checkpoint holds: its training args.
 CHECKPOINT_ALLOWED_GLOBALS = [argparse.Namespace]
 WEIGHT_ENTRIES = {"ema1": "model_ema1", "ema2": "model_ema2", "model": "model"}
+# Official save formats (util/misc.py save_model of each codebase), and the method each one trains.
+FORMAT_METHODS = {"pixelrepa": "PixelREPA", "jit": "JiT"}
+ADAPTER_PREFIX = "masked_transformer_adapter."
+# A JiT checkpoint has no mask_token; ours is drawn as the official init N(0, 0.02) from this seed.
+MASK_TOKEN_SEED = 0
+# What the official preset functions (JiT_B_16, ...) fix besides JIT_PRESETS: 32 in-context tokens, mlp_ratio 4.
+PRESET_FIELDS = ("patch_size", "bottleneck_dim", "hidden_size", "num_attention_heads", "num_layers")
+PRESET_IN_CONTEXT_LEN = 32
+PRESET_MLP_RATIO = 4.0
 
 # (official key pattern, our key), applied in order to backbone and adapter keys.
 KEY_RENAMES = [
@@ -46,7 +55,7 @@ KEY_RENAMES = [
 
 
 def load_official_checkpoint(path: str) -> dict:
-    """Loads an official checkpoint without running pickled code; ValueError if it is not one."""
+    """Loads an official PixelREPA or JiT checkpoint without running pickled code; ValueError if it is not one."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint_path {path!r} does not exist.")
     try:
@@ -57,85 +66,161 @@ def load_official_checkpoint(path: str) -> dict:
         raise ValueError(f"Refusing to load {path!r}: it holds objects outside the allow-list ({first_line})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise ValueError(f"{path!r} is not a readable torch checkpoint (truncated or corrupt): {error}") from None
-    required = ("model", "model_ema1", "model_ema2", "args")
+    required = ("model", "args")
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in required):
         raise ValueError(f"{path!r} is not an official PixelREPA/JiT checkpoint: expected entries {list(required)}.")
     if not isinstance(checkpoint["args"], argparse.Namespace):
         raise ValueError(f"{path!r} is not an official PixelREPA/JiT checkpoint: 'args' is not a Namespace.")
+    checkpoint_format(checkpoint)
     return checkpoint
+
+
+def checkpoint_format(checkpoint: dict) -> str:
+    """
+    "pixelrepa" (kaist-cvml/PixelREPA: `model` holds `net.*` with `net.mask_token` and the adapter, the EMAs hold
+    backbone keys without prefix) or "jit" (LTH14/JiT: no adapter or mask_token, every entry has `net.*` keys).
+    """
+    model_keys = checkpoint["model"].keys()
+    has_adapter = any(key.startswith(ADAPTER_PREFIX) for key in model_keys)
+    has_mask_token = "net.mask_token" in model_keys
+    if has_adapter != has_mask_token:
+        raise ValueError(
+            f"The checkpoint's 'model' fits neither official format: it has {'' if has_adapter else 'no '}"
+            f"{ADAPTER_PREFIX}* keys but {'' if has_mask_token else 'no '}net.mask_token."
+        )
+    return "pixelrepa" if has_adapter else "jit"
+
+
+def strip_prefix(state_dict: dict, prefix: str) -> dict:
+    """The entries of `state_dict` under `prefix`, with the prefix removed."""
+    return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+
+
+def backbone_state_dict(checkpoint: dict, weights: str) -> dict:
+    """The backbone weights of `weights` (ema1, ema2 or model) in official key names without prefix, either format."""
+    if weights not in WEIGHT_ENTRIES:
+        raise ValueError(f"weights must be one of {sorted(WEIGHT_ENTRIES)}, got {weights!r}.")
+    entry = WEIGHT_ENTRIES[weights]
+    if entry not in checkpoint:
+        held = sorted(key for key in WEIGHT_ENTRIES.values() if key in checkpoint)
+        raise ValueError(f"The checkpoint has no {entry!r} entry for weights {weights!r}; it holds {held}.")
+    if weights == "model" or checkpoint_format(checkpoint) == "jit":
+        return strip_prefix(checkpoint[entry], "net.")
+    return dict(checkpoint[entry])
+
+
+def adapter_state_dict(checkpoint: dict) -> dict:
+    """The PixelREPA adapter weights (trained weights; no EMA exists) in official key names; empty for JiT."""
+    return strip_prefix(checkpoint["model"], ADAPTER_PREFIX)
+
+
+def initial_mask_token(hidden_size: int) -> torch.Tensor:
+    """The official mask_token init N(0, 0.02) of shape (1, 1, hidden_size), drawn from `MASK_TOKEN_SEED`."""
+    generator = torch.Generator().manual_seed(MASK_TOKEN_SEED)
+    return 0.02 * torch.randn(1, 1, hidden_size, generator=generator)
 
 
 def rename_official_keys(state_dict: dict, prefix: str = "") -> dict:
     """Our key names for the official keys under `prefix` (which is stripped)."""
     renamed = {}
-    for key, value in state_dict.items():
-        if not key.startswith(prefix):
-            continue
-        key = key[len(prefix) :]
+    for key, value in strip_prefix(state_dict, prefix).items():
         for pattern, replacement in KEY_RENAMES:
             key = re.sub(pattern, replacement, key)
         renamed[key] = value
     return renamed
 
 
-def backbone_state_dict(checkpoint: dict, weights: str) -> dict:
-    """The official backbone weights of `weights` (ema1, ema2 or model), in official key names."""
-    if weights not in WEIGHT_ENTRIES:
-        raise ValueError(f"weights must be one of {sorted(WEIGHT_ENTRIES)}, got {weights!r}.")
-    if weights == "model":
-        return {key[len("net.") :]: value for key, value in checkpoint["model"].items() if key.startswith("net.")}
-    return dict(checkpoint[WEIGHT_ENTRIES[weights]])
+def read_shapes(state_dict: dict) -> dict:
+    """Each shape-derived JiT field -> (value, the official tensor it is read from, that tensor's shape)."""
+    required = ("x_embedder.proj1.weight", "pos_embed", "y_embedder.embedding_table.weight",
+                "blocks.0.attn.q_norm.weight", "blocks.0.mlp.w12.weight")
+    missing = [key for key in required if key not in state_dict]
+    if missing:
+        raise ValueError(f"Not an official JiT state dict: missing {missing}.")
+
+    def shape(key):
+        return tuple(state_dict[key].shape) if key in state_dict else "(absent)"
+
+    bottleneck_dim, in_channels, patch_size, _ = shape("x_embedder.proj1.weight")
+    _, num_patches, hidden_size = shape("pos_embed")
+    num_layers = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
+    in_context = shape("in_context_posemb")
+    return dict(
+        patch_size=(patch_size, "x_embedder.proj1.weight", shape("x_embedder.proj1.weight")),
+        in_channels=(in_channels, "x_embedder.proj1.weight", shape("x_embedder.proj1.weight")),
+        bottleneck_dim=(bottleneck_dim, "x_embedder.proj1.weight", shape("x_embedder.proj1.weight")),
+        sample_size=(int(round(num_patches**0.5)) * patch_size, "pos_embed", shape("pos_embed")),
+        hidden_size=(hidden_size, "pos_embed", shape("pos_embed")),
+        num_attention_heads=(hidden_size // shape("blocks.0.attn.q_norm.weight")[0], "blocks.0.attn.q_norm.weight",
+                             shape("blocks.0.attn.q_norm.weight")),
+        num_layers=(num_layers, "blocks.*", f"({num_layers} blocks)"),
+        ff_inner_dim=(shape("blocks.0.mlp.w12.weight")[0] // 2, "blocks.0.mlp.w12.weight",
+                      shape("blocks.0.mlp.w12.weight")),
+        in_context_len=(0 if in_context == "(absent)" else in_context[1], "in_context_posemb", in_context),
+        num_classes=(shape("y_embedder.embedding_table.weight")[0] - 1, "y_embedder.embedding_table.weight",
+                     shape("y_embedder.embedding_table.weight")),
+    )
+
+
+def preset_mismatches(shapes: dict, preset_name: str) -> list[str]:
+    """What in `read_shapes` output differs from what the official preset function builds, naming the tensors."""
+    preset = JIT_PRESETS[preset_name]
+    expected = {field: preset[field] for field in PRESET_FIELDS}
+    expected.update(in_channels=3, in_context_len=PRESET_IN_CONTEXT_LEN,
+                    ff_inner_dim=swiglu_inner_dim(preset["hidden_size"], PRESET_MLP_RATIO))
+    return [f"{field} {shapes[field][0]} from {shapes[field][1]} {shapes[field][2]}, expected {value}"
+            for field, value in expected.items() if shapes[field][0] != value]
+
+
+def ff_width_config(hidden_size: int, inner_dim: int) -> dict:
+    """mlp_ratio 4 alone when the official rule gives `inner_dim`, else also the width itself as ff_inner_dim."""
+    if swiglu_inner_dim(hidden_size, PRESET_MLP_RATIO) == inner_dim:
+        return dict(mlp_ratio=PRESET_MLP_RATIO, ff_inner_dim=None)
+    return dict(mlp_ratio=PRESET_MLP_RATIO, ff_inner_dim=inner_dim)
 
 
 def infer_transformer_config(state_dict: dict, args: argparse.Namespace, model: str | None = None,
                              in_context_start: int | None = None) -> dict:
     """JiTTransformer2DModel config from the checkpoint's args and the (official-named) tensor shapes."""
-    required = ("x_embedder.proj1.weight", "pos_embed", "y_embedder.embedding_table.weight", "blocks.0.attn.q_norm.weight")
-    missing = [key for key in required if key not in state_dict]
-    if missing:
-        raise ValueError(f"Not an official JiT state dict: missing {missing}.")
-    bottleneck_dim, in_channels, patch_size, _ = state_dict["x_embedder.proj1.weight"].shape
-    _, num_patches, hidden_size = state_dict["pos_embed"].shape
-    head_dim = state_dict["blocks.0.attn.q_norm.weight"].shape[0]
-    inner_dim = state_dict["blocks.0.mlp.w12.weight"].shape[0] // 2
-    num_layers = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
-    in_context = state_dict.get("in_context_posemb")
-    config = dict(
-        sample_size=int(round(num_patches**0.5)) * patch_size,
-        patch_size=patch_size,
-        in_channels=in_channels,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        num_attention_heads=hidden_size // head_dim,
-        mlp_ratio=inner_dim * 1.5 / hidden_size,
+    shapes = read_shapes(state_dict)
+    config = {field: shapes[field][0] for field in ("sample_size", "patch_size", "in_channels", "hidden_size",
+                                                    "num_layers", "num_attention_heads")}
+    config.update(ff_width_config(shapes["hidden_size"][0], shapes["ff_inner_dim"][0]))
+    config.update(
         attention_dropout=float(getattr(args, "attn_dropout", 0.0)),
         dropout=float(getattr(args, "proj_dropout", 0.0)),
-        num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
-        bottleneck_dim=bottleneck_dim,
-        in_context_len=0 if in_context is None else in_context.shape[1],
+        num_classes=shapes["num_classes"][0],
+        bottleneck_dim=shapes["bottleneck_dim"][0],
+        in_context_len=shapes["in_context_len"][0],
     )
     model = model or getattr(args, "model", None)
-    preset = JIT_PRESETS.get(model)
-    if preset is not None:
-        mismatched = {key: (value, config[key]) for key, value in preset.items()
-                      if key not in ("sample_size", "in_context_start") and config[key] != value}
-        if mismatched:
-            raise ValueError(f"Checkpoint shapes do not match model {model!r}: {mismatched} (preset, checkpoint).")
-        config["in_context_start"] = preset["in_context_start"]
+    if model in JIT_PRESETS:
+        mismatches = preset_mismatches(shapes, model)
+        if mismatches:
+            raise ValueError(f"Checkpoint shapes do not match model {model!r}: {'; '.join(mismatches)}.")
+        config["in_context_start"] = JIT_PRESETS[model]["in_context_start"]
     else:
-        same_shape = [name for name, value in JIT_PRESETS.items()
-                      if all(config[key] == value[key] for key in ("hidden_size", "num_layers", "num_attention_heads"))]
-        if same_shape:
-            config["in_context_start"] = JIT_PRESETS[same_shape[0]]["in_context_start"]
+        mismatches = {name: preset_mismatches(shapes, name) for name in JIT_PRESETS}
+        nearest = min(mismatches, key=lambda name: len(mismatches[name]))
+        if not mismatches[nearest]:
+            config["in_context_start"] = JIT_PRESETS[nearest]["in_context_start"]
+        elif in_context_start is None:
+            raise ValueError(
+                f"Model {model!r} matches no JiT variant (nearest {nearest}: {'; '.join(mismatches[nearest])}) and "
+                "in_context_start cannot be read from shapes; pass in_context_start."
+            )
     if in_context_start is not None:
         config["in_context_start"] = in_context_start
-    if "in_context_start" not in config:
-        raise ValueError(f"Model {model!r} matches no preset and in_context_start cannot be read from shapes; pass it.")
     return config
 
 
 def infer_adapter_config(state_dict: dict, transformer_config: dict) -> dict:
     """MaskedTransformerAdapter config from official adapter weights (keys without the module prefix)."""
+    required = ("in_context_posemb", "blocks.0.attn.q_norm.weight", "blocks.0.mlp.w12.weight",
+                "y_embedder.embedding_table.weight", "projection_layer.mlp.3.weight")
+    missing = [key for key in required if key not in state_dict]
+    if missing:
+        raise ValueError(f"Not an official PixelREPA adapter state dict: missing {missing}.")
     hidden_size = state_dict["in_context_posemb"].shape[-1]
     return dict(
         sample_size=transformer_config["sample_size"],
@@ -143,11 +228,40 @@ def infer_adapter_config(state_dict: dict, transformer_config: dict) -> dict:
         hidden_size=hidden_size,
         num_layers=len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")}),
         num_attention_heads=hidden_size // state_dict["blocks.0.attn.q_norm.weight"].shape[0],
-        mlp_ratio=state_dict["blocks.0.mlp.w12.weight"].shape[0] // 2 * 1.5 / hidden_size,
+        **ff_width_config(hidden_size, state_dict["blocks.0.mlp.w12.weight"].shape[0] // 2),
         num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
         in_context_len=state_dict["in_context_posemb"].shape[1],
         out_channels=state_dict["projection_layer.mlp.3.weight"].shape[0],
     )
+
+
+def transformer_from_checkpoint(checkpoint: dict, weights: str = "ema1", model: str | None = None,
+                                in_context_start: int | None = None) -> JiTTransformer2DModel:
+    """
+    Our JiTTransformer2DModel with the backbone weights `weights` (ema1, ema2 or model) of an official checkpoint of
+    either format; a JiT checkpoint has no mask_token, so it gets `initial_mask_token`.
+    """
+    official_backbone = backbone_state_dict(checkpoint, weights)
+    config = infer_transformer_config(official_backbone, checkpoint["args"], model, in_context_start)
+    transformer = JiTTransformer2DModel(**config)
+    state = rename_official_keys(official_backbone)
+    if checkpoint_format(checkpoint) == "jit":
+        state["mask_token"] = initial_mask_token(config["hidden_size"])
+    load_into(transformer, state, "transformer")
+    return transformer
+
+
+def adapter_from_checkpoint(checkpoint: dict, transformer_config: dict) -> MaskedTransformerAdapter | None:
+    """Our MaskedTransformerAdapter with a PixelREPA checkpoint's adapter weights; None for a JiT checkpoint."""
+    official_adapter = adapter_state_dict(checkpoint)
+    if not official_adapter:
+        return None
+    adapter = MaskedTransformerAdapter(**infer_adapter_config(official_adapter, transformer_config))
+    state = rename_official_keys(official_adapter)
+    if adapter.projection is None:
+        state = {key: value for key, value in state.items() if not key.startswith("projection.")}
+    load_into(adapter, state, "adapter")
+    return adapter
 
 
 def imagenet_id2label(num_classes: int) -> dict[int, str]:
@@ -159,63 +273,60 @@ def imagenet_id2label(num_classes: int) -> dict[int, str]:
     return dict(enumerate(ResNet50_Weights.IMAGENET1K_V1.meta["categories"]))
 
 
+def official_variant(checkpoint: dict, model: str | None = None) -> str | None:
+    """The variant name ("PixelREPA-B/16", "JiT-H/32", ...) of a checkpoint of a JiT preset, else None."""
+    preset_name = model or getattr(checkpoint["args"], "model", None)
+    if preset_name not in JIT_PRESETS:
+        return None
+    return f"{FORMAT_METHODS[checkpoint_format(checkpoint)]}-{preset_name.split('-', 1)[-1]}"
+
+
 def convert_official_checkpoint(checkpoint_path: str, output_dir: str, weights: str = "ema1",
                                 model: str | None = None, in_context_start: int | None = None,
                                 guidance_scale: float | None = None) -> PixelREPAPipeline:
     """
-    Writes a PixelREPAPipeline (safetensors) converted from an official checkpoint to `output_dir`, plus the
-    adapter in `output_dir/adapter` when the checkpoint has one, so training can resume from it.
+    Writes a PixelREPAPipeline (safetensors) converted from an official PixelREPA or JiT checkpoint to `output_dir`,
+    plus the adapter in `output_dir/adapter` when the checkpoint has one, so training can resume from it. A released
+    variant gets its published sampler settings; any other model those of the checkpoint's args.
     """
     checkpoint = load_official_checkpoint(checkpoint_path)
     args = checkpoint["args"]
-    official_backbone = backbone_state_dict(checkpoint, weights)
-    config = infer_transformer_config(official_backbone, args, model, in_context_start)
-    transformer = JiTTransformer2DModel(**config)
-    load_into(transformer, rename_official_keys(official_backbone), "transformer")
+    transformer = transformer_from_checkpoint(checkpoint, weights, model, in_context_start)
+    config = {key: value for key, value in transformer.config.items() if not key.startswith("_")}
+    adapter = adapter_from_checkpoint(checkpoint, config)
 
-    adapter_prefix = "masked_transformer_adapter."
-    official_adapter = {key[len(adapter_prefix) :]: value for key, value in checkpoint["model"].items()
-                        if key.startswith(adapter_prefix)}
-    adapter = None
-    if official_adapter:
-        adapter = MaskedTransformerAdapter(**infer_adapter_config(official_adapter, config))
-        adapter_state = rename_official_keys(official_adapter)
-        if adapter.projection is None:
-            adapter_state = {key: value for key, value in adapter_state.items() if not key.startswith("projection.")}
-        load_into(adapter, adapter_state, "adapter")
-
-    preset_name = model or getattr(args, "model", None)
-    method = "PixelREPA" if adapter is not None else "JiT"
-    variant = f"{method}-{preset_name.split('-', 1)[-1]}" if preset_name in JIT_PRESETS else None
+    method = FORMAT_METHODS[checkpoint_format(checkpoint)]
+    variant = official_variant(checkpoint, model)
+    repo_id = f"<user>/{os.path.basename(os.path.abspath(output_dir))}"
     if variant in CARD_VARIANTS:
-        card_settings = variant_card_settings(variant, repo_id=f"<user>/{os.path.basename(os.path.abspath(output_dir))}")
-        guidance_interval = (0.1, 1.0)
+        card_settings = variant_card_settings(variant, repo_id=repo_id, weights=weights)
     else:
         card_settings = dict(
             model_name=os.path.basename(os.path.abspath(output_dir)),
-            repo_id=f"<user>/{os.path.basename(os.path.abspath(output_dir))}",
+            repo_id=repo_id,
             method=method,
             architecture=config,
             training={key: str(value) for key, value in sorted(vars(args).items())},
             weights_source=f"Converted from an official checkpoint ({weights} weights) with pixelrepa-diffusers.",
             guidance_scale=float(getattr(args, "cfg", 1.0)),
+            guidance_interval=(float(getattr(args, "interval_min", 0.1)), float(getattr(args, "interval_max", 1.0))),
+            solver=getattr(args, "sampling_method", "heun"),
+            noise_scale=float(getattr(args, "noise_scale", 1.0)),
         )
-        guidance_interval = (float(getattr(args, "interval_min", 0.1)), float(getattr(args, "interval_max", 1.0)))
     if guidance_scale is not None:
         card_settings["guidance_scale"] = guidance_scale
     scheduler = JiTFlowMatchScheduler(
-        solver=getattr(args, "sampling_method", "heun"),
+        solver=card_settings["solver"],
         t_eps=float(getattr(args, "t_eps", 0.05)),
-        noise_scale=float(getattr(args, "noise_scale", 1.0)),
+        noise_scale=card_settings["noise_scale"],
     )
-    card = render_model_card(**card_settings, guidance_interval=guidance_interval, solver=scheduler.config.solver,
-                             noise_scale=scheduler.config.noise_scale)
+    card = render_model_card(**card_settings)
     pipeline = PixelREPAPipeline(
         transformer=transformer,
         scheduler=scheduler,
         id2label=imagenet_id2label(config["num_classes"]),
         guidance_scale=card_settings["guidance_scale"],
-        guidance_interval=guidance_interval,
+        guidance_interval=card_settings["guidance_interval"],
     )
     write_atomically(output_dir, lambda tmp: save_converted(tmp, pipeline, adapter, card))
     return pipeline
@@ -248,15 +359,14 @@ def official_trainable_names(model_state: dict) -> list[str]:
     The official run's trainable parameters (Denoiser names) in the order of its AdamW state: util/misc.py
     add_weight_decay puts 1-D parameters and biases in the first group, the rest in the second.
     """
-    trainable = [key for key in model_state
-                 if key.startswith(("net.", "masked_transformer_adapter.")) and key != "net.pos_embed"]
+    trainable = [key for key in model_state if key.startswith(("net.", ADAPTER_PREFIX)) and key != "net.pos_embed"]
     no_decay = [key for key in trainable if model_state[key].ndim == 1 or key.endswith(".bias")]
     return no_decay + [key for key in trainable if key not in set(no_decay)]
 
 
 def training_parameter_name(official_name: str) -> str:
     """Our PixelREPATrainingObjective parameter name for an official Denoiser parameter name."""
-    for official_prefix, prefix in (("net.", "transformer."), ("masked_transformer_adapter.", "aligner.")):
+    for official_prefix, prefix in (("net.", "transformer."), (ADAPTER_PREFIX, "aligner.")):
         if official_name.startswith(official_prefix):
             return prefix + next(iter(rename_official_keys({official_name: None}, official_prefix)))
     raise ValueError(f"{official_name!r} is neither a backbone nor an adapter parameter.")
@@ -302,31 +412,19 @@ def convert_official_training_checkpoint(checkpoint_path: str, output_dir: str, 
     args = checkpoint["args"]
     if "epoch" not in checkpoint:
         raise ValueError(f"{checkpoint_path!r} has no 'epoch' entry, so the run cannot be continued.")
-    folders = {}
-    for folder, weights in (("transformer", "model"), ("ema_1", "ema1"), ("ema_2", "ema2")):
-        official_backbone = backbone_state_dict(checkpoint, weights)
-        config = infer_transformer_config(official_backbone, args, model, in_context_start)
-        folders[folder] = JiTTransformer2DModel(**config)
-        load_into(folders[folder], rename_official_keys(official_backbone), folder)
-    adapter_prefix = "masked_transformer_adapter."
-    official_adapter = {key[len(adapter_prefix) :]: value for key, value in checkpoint["model"].items()
-                        if key.startswith(adapter_prefix)}
-    if official_adapter:
-        adapter = MaskedTransformerAdapter(**infer_adapter_config(official_adapter, config))
-        adapter_state = rename_official_keys(official_adapter)
-        if adapter.projection is None:
-            adapter_state = {key: value for key, value in adapter_state.items() if not key.startswith("projection.")}
-        load_into(adapter, adapter_state, "adapter")
-        folders["adapter"] = adapter
+    folders = {folder: transformer_from_checkpoint(checkpoint, weights, model, in_context_start)
+               for folder, weights in (("transformer", "model"), ("ema_1", "ema1"), ("ema_2", "ema2"))}
+    adapter = adapter_from_checkpoint(checkpoint, dict(folders["transformer"].config))
     parameter_names = {f"transformer.{name}" for name, _ in folders["transformer"].named_parameters()}
-    if not official_adapter:
+    if adapter is None:
         parameter_names.discard("transformer.mask_token")  # trained only with the adapter
     else:
-        parameter_names |= {f"aligner.{name}" for name, _ in folders["adapter"].named_parameters()}
+        folders["adapter"] = adapter
+        parameter_names |= {f"aligner.{name}" for name, _ in adapter.named_parameters()}
     moments = official_adamw_moments(checkpoint, parameter_names)
     run_state = {
         "official_epochs": int(checkpoint["epoch"]) + 1,
-        "alignment": "pixelrepa" if official_adapter else "none",
+        "alignment": "none" if adapter is None else "pixelrepa",
         "ema_decays": [float(args.ema_decay1), float(args.ema_decay2)],
         "official_args": {key: str(value) for key, value in sorted(vars(args).items())},
     }

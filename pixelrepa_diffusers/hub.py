@@ -16,22 +16,34 @@ PAPERS = {
     "PixelREPA": ("the PixelREPA paper (arXiv 2603.14366)", "https://arxiv.org/abs/2603.14366"),
     "JiT": ("the JiT paper (arXiv 2511.13720)", "https://arxiv.org/abs/2511.13720"),
 }
-# Official 600-epoch ImageNet 256x256 checkpoints: FID-50K / IS as the papers report them, and the guidance scale
-# of the authors' evaluation commands (PixelREPA README; JiT README for its pre-trained models).
+# Official 600-epoch ImageNet checkpoints: FID-50K (and IS where published) as the papers report them, and the
+# sampler settings of the authors' evaluation commands (PixelREPA README; JiT README for its pre-trained models):
+# Heun, 50 steps, guidance interval [0.1, 1.0], noise scale 1.0 at 256 px and 2.0 at 512 px. Parameter counts exclude
+# the mask_token.
 CARD_VARIANTS = {
     "PixelREPA-B/16": dict(method="PixelREPA", backbone="JiT-B/16", params="131M", guidance_scale=3.1,
-                           fid=3.17, inception_score=284.6),
+                           noise_scale=1.0, fid=3.17, inception_score=284.6),
     "PixelREPA-L/16": dict(method="PixelREPA", backbone="JiT-L/16", params="459M", guidance_scale=2.8,
-                           fid=2.11, inception_score=309.5),
+                           noise_scale=1.0, fid=2.11, inception_score=309.5),
     "PixelREPA-H/16": dict(method="PixelREPA", backbone="JiT-H/16", params="953M", guidance_scale=2.4,
-                           fid=1.81, inception_score=317.2),
+                           noise_scale=1.0, fid=1.81, inception_score=317.2),
     "JiT-B/16": dict(method="JiT", backbone="JiT-B/16", params="131M", guidance_scale=3.0,
-                     fid=3.66, inception_score=275.1),
+                     noise_scale=1.0, fid=3.66, inception_score=275.1),
     "JiT-L/16": dict(method="JiT", backbone="JiT-L/16", params="459M", guidance_scale=2.4,
-                     fid=2.36, inception_score=298.5),
+                     noise_scale=1.0, fid=2.36, inception_score=298.5),
     "JiT-H/16": dict(method="JiT", backbone="JiT-H/16", params="953M", guidance_scale=2.2,
-                     fid=1.86, inception_score=303.4),
+                     noise_scale=1.0, fid=1.86, inception_score=303.4),
+    "JiT-B/32": dict(method="JiT", backbone="JiT-B/32", params="133M", guidance_scale=3.0,
+                     noise_scale=2.0, fid=4.02, inception_score=None),
+    "JiT-L/32": dict(method="JiT", backbone="JiT-L/32", params="462M", guidance_scale=2.5,
+                     noise_scale=2.0, fid=2.53, inception_score=None),
+    "JiT-H/32": dict(method="JiT", backbone="JiT-H/32", params="956M", guidance_scale=2.3,
+                     noise_scale=2.0, fid=1.94, inception_score=None),
 }
+GUIDANCE_INTERVAL = (0.1, 1.0)
+NUM_INFERENCE_STEPS = 50
+# The weights a converted checkpoint can hold, as the card names them; the papers' metrics are of ema1.
+WEIGHTS_DESCRIPTIONS = {"ema1": "EMA 0.9999", "ema2": "EMA 0.9996", "model": "the raw training weights, no EMA"}
 
 PACKAGE = __name__.split(".")[0]
 RELATIVE_IMPORT = re.compile(r"^(\s*from\s+)\.(\w+)(\s+import\s)", re.MULTILINE)
@@ -58,6 +70,7 @@ def render_model_card(
     dataset: str | None = "imagenet-1k",
     fid: float | None = None,
     inception_score: float | None = None,
+    fid_statistics: str | None = None,
     metrics_source: str | None = None,
     metrics_source_url: str | None = None,
     license: str = "mit",
@@ -75,8 +88,9 @@ def render_model_card(
         weights_source: one sentence saying where the weights come from.
         guidance_scale, guidance_interval, num_inference_steps, solver, noise_scale: the sampling settings.
         dataset: Hub dataset id of the training data; None (e.g. a local folder) leaves it out of the metadata.
-        fid, inception_score: FID-50K and IS, given together with `metrics_source`, which says who measured them
-            (e.g. "as reported by the PixelREPA paper"), and optionally `metrics_source_url`.
+        fid, inception_score: FID-50K and optionally IS, given with `metrics_source`, which says who measured them
+            (e.g. "as reported by the PixelREPA paper"), and optionally `metrics_source_url` and `fid_statistics`
+            (the reference statistics file, e.g. "fid_stats/jit_in256_stats.npz").
         license: license id of the weights.
     """
     if method not in METHODS:
@@ -85,8 +99,10 @@ def render_model_card(
         raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}.")
     if not 0.0 <= guidance_interval[0] < guidance_interval[1] <= 1.0:
         raise ValueError(f"guidance_interval must satisfy 0 <= min < max <= 1, got {guidance_interval}.")
-    if len({fid is None, inception_score is None, metrics_source is None}) > 1:
-        raise ValueError("fid, inception_score and metrics_source must be given together, or all left out.")
+    if (fid is None) != (metrics_source is None):
+        raise ValueError("fid and metrics_source must be given together, or both left out.")
+    if fid is None and (inception_score is not None or fid_statistics is not None):
+        raise ValueError("inception_score and fid_statistics need fid.")
     if fid is not None and dataset is None:
         raise ValueError("fid and inception_score need the Hub dataset id they were measured on (dataset).")
     resolution, num_classes = architecture["sample_size"], architecture["num_classes"]
@@ -108,6 +124,7 @@ def render_model_card(
                 ("fid", "FID-50K", fid),
                 ("inception_score", "Inception Score", inception_score),
             )
+            if value is not None
         ]
     card_data = ModelCardData(
         library_name="diffusers",
@@ -137,21 +154,29 @@ def render_model_card(
         noise_scale=noise_scale,
         fid=fid,
         inception_score=inception_score,
+        fid_statistics=fid_statistics,
         metrics_source_link=f"[{metrics_source}]({metrics_source_url})" if metrics_source_url else metrics_source,
     )
 
 
 def paper_recipe(method: str, backbone: str) -> dict:
-    """The official 600-epoch ImageNet 256x256 training recipe, as a card table."""
+    """The official 600-epoch ImageNet training recipe of a variant, as a card table."""
+    resolution = JIT_PRESETS[backbone]["sample_size"]
+    noise_scale = {256: 1.0, 512: 2.0}[resolution]
+    dropout = "0"
+    if backbone == "JiT-H/16":
+        dropout = "projection dropout 0.2 on the middle half of the blocks"
+    elif backbone == "JiT-H/32":
+        dropout = "as in the checkpoint's args (the JiT README gives projection dropout 0.2 for JiT-H/16 only)"
     recipe = {
-        "Data": "ImageNet-1k train, ADM center crop to 256 px, random horizontal flip, pixels in [-1, 1]",
+        "Data": f"ImageNet-1k train, ADM center crop to {resolution} px, random horizontal flip, pixels in [-1, 1]",
         "Epochs": "600 (8 GPUs, global batch 1024)",
         "Optimizer": "AdamW, betas (0.9, 0.95), weight decay 0, no gradient clipping",
         "Learning rate": "2e-4 (base 5e-5 x 1024 / 256), 5 linear warm-up epochs, then constant",
-        "Diffusion": "x-prediction with v-loss; t = sigmoid(N(-0.8, 0.8^2)); t_eps 0.05; noise scale 1.0",
+        "Diffusion": f"x-prediction with v-loss; t = sigmoid(N(-0.8, 0.8^2)); t_eps 0.05; noise scale {noise_scale}",
         "Label dropout": "0.1 (null class for guidance)",
-        "Dropout": "projection dropout 0.2 on the middle half of the blocks" if backbone.startswith("JiT-H") else "0",
-        "EMA": "0.9999 (these weights) and 0.9996",
+        "Dropout": dropout,
+        "EMA": "0.9999 and 0.9996",
         "Precision": "bf16 autocast",
     }
     if method == "PixelREPA":
@@ -163,12 +188,27 @@ def paper_recipe(method: str, backbone: str) -> dict:
     return recipe
 
 
-def variant_card_settings(variant: str, repo_id: str) -> dict:
-    """`render_model_card` settings for a converted official checkpoint of a `CARD_VARIANTS` entry."""
+def variant_card_settings(variant: str, repo_id: str, weights: str = "ema1") -> dict:
+    """
+    `render_model_card` settings for a converted official checkpoint of a `CARD_VARIANTS` entry, holding `weights`
+    (ema1, ema2 or model); the papers' metrics are shown only for ema1, the weights they were measured with.
+    """
     if variant not in CARD_VARIANTS:
         raise ValueError(f"Unknown card variant {variant!r}; expected one of {sorted(CARD_VARIANTS)}.")
+    if weights not in WEIGHTS_DESCRIPTIONS:
+        raise ValueError(f"weights must be one of {sorted(WEIGHTS_DESCRIPTIONS)}, got {weights!r}.")
     spec = CARD_VARIANTS[variant]
     paper_name, paper_url = PAPERS[spec["method"]]
+    resolution = JIT_PRESETS[spec["backbone"]]["sample_size"]
+    metrics = {}
+    if weights == "ema1":
+        metrics = dict(
+            fid=spec["fid"],
+            inception_score=spec["inception_score"],
+            fid_statistics=f"fid_stats/jit_in{resolution}_stats.npz",
+            metrics_source=f"as reported by {paper_name}",
+            metrics_source_url=paper_url,
+        )
     return dict(
         model_name=variant,
         repo_id=repo_id,
@@ -177,13 +217,14 @@ def variant_card_settings(variant: str, repo_id: str) -> dict:
         training=paper_recipe(spec["method"], spec["backbone"]),
         weights_source=(
             f"The weights ({spec['params']} parameters) are the authors' official 600-epoch checkpoint "
-            "(EMA 0.9999), converted to diffusers format with pixelrepa-diffusers."
+            f"({WEIGHTS_DESCRIPTIONS[weights]}), converted to diffusers format with pixelrepa-diffusers."
         ),
         guidance_scale=spec["guidance_scale"],
-        fid=spec["fid"],
-        inception_score=spec["inception_score"],
-        metrics_source=f"as reported by {paper_name}",
-        metrics_source_url=paper_url,
+        guidance_interval=GUIDANCE_INTERVAL,
+        num_inference_steps=NUM_INFERENCE_STEPS,
+        solver="heun",
+        noise_scale=spec["noise_scale"],
+        **metrics,
     )
 
 

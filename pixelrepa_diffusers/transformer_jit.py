@@ -127,12 +127,16 @@ class JiTAttention(nn.Module):
         return self.dropout(self.to_out(x))
 
 
-class SwiGLU(nn.Module):
-    """SwiGLU feed-forward with one fused input projection; inner width is 2/3 of hidden_size * mlp_ratio."""
+def swiglu_inner_dim(hidden_size: int, mlp_ratio: float) -> int:
+    """The official SwiGLU inner width: int(int(hidden_size * mlp_ratio) * 2 / 3), e.g. 3413 for 1280 and ratio 4."""
+    return int(int(hidden_size * mlp_ratio) * 2 / 3)
 
-    def __init__(self, hidden_size: int, mlp_ratio: float, dropout: float):
+
+class SwiGLU(nn.Module):
+    """SwiGLU feed-forward of inner width `inner_dim` with one fused input projection."""
+
+    def __init__(self, hidden_size: int, inner_dim: int, dropout: float):
         super().__init__()
-        inner_dim = int(int(hidden_size * mlp_ratio) * 2 / 3)
         self.proj_in = nn.Linear(hidden_size, 2 * inner_dim)
         self.dropout = nn.Dropout(dropout)
         self.proj_out = nn.Linear(inner_dim, hidden_size)
@@ -145,12 +149,12 @@ class SwiGLU(nn.Module):
 class JiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-Zero modulation from the condition vector."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, attention_dropout: float, dropout: float):
+    def __init__(self, hidden_size: int, num_heads: int, ff_inner_dim: int, attention_dropout: float, dropout: float):
         super().__init__()
         self.norm1 = nn.RMSNorm(hidden_size, eps=1e-6)
         self.attn = JiTAttention(hidden_size, num_heads, attention_dropout, dropout)
         self.norm2 = nn.RMSNorm(hidden_size, eps=1e-6)
-        self.ff = SwiGLU(hidden_size, mlp_ratio, dropout)
+        self.ff = SwiGLU(hidden_size, ff_inner_dim, dropout)
         self.adaln_modulation = nn.Linear(hidden_size, 6 * hidden_size)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -196,6 +200,7 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin):
     Time is JiT time `t` in [0, 1], where t = 0 is pure noise and t = 1 is the clean image:
     `hidden_states = t * image + (1 - t) * noise`. `class_labels == num_classes` is the null class used for
     classifier-free guidance. After block `in_context_start`, `in_context_len` class tokens join the sequence.
+    The SwiGLU inner width is `ff_inner_dim`, or when None the official `swiglu_inner_dim(hidden_size, mlp_ratio)`.
     """
 
     _supports_gradient_checkpointing = True
@@ -211,6 +216,7 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin):
         num_layers: int = 12,
         num_attention_heads: int = 12,
         mlp_ratio: float = 4.0,
+        ff_inner_dim: int | None = None,
         attention_dropout: float = 0.0,
         dropout: float = 0.0,
         num_classes: int = 1000,
@@ -240,12 +246,14 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid_size)[None])
         self.in_context_pos_embed = nn.Parameter(torch.zeros(1, in_context_len, hidden_size))
         first_dropout_block, end_dropout_block = num_layers // 4, num_layers // 4 * 3
+        if ff_inner_dim is None:
+            ff_inner_dim = swiglu_inner_dim(hidden_size, mlp_ratio)
         self.blocks = nn.ModuleList(
             [
                 JiTBlock(
                     hidden_size,
                     num_attention_heads,
-                    mlp_ratio,
+                    ff_inner_dim,
                     attention_dropout if first_dropout_block <= i < end_dropout_block else 0.0,
                     dropout if first_dropout_block <= i < end_dropout_block else 0.0,
                 )

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from official_weights import load_manifest, random_official_state_dict
@@ -47,3 +48,28 @@ def small_transformer_config(official_config: dict) -> dict:
 
 def relative_error(actual, expected) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def load_variants() -> dict:
+    """official_variants.json: the width cases (args, seed, Denoiser manifest) and the released variants' manifests."""
+    return json.loads((FIXTURES / "official_variants.json").read_text())
+
+
+def width_inputs(variant: str, variants: dict, tensors: dict):
+    """Noisy image (regenerated from the case seed + image_input_seed_offset), t and y of a width case."""
+    case = variants["width_cases"][variant]
+    size = case["args"]["img_size"]
+    generator = torch.Generator().manual_seed(case["seed"] + variants["image_input_seed_offset"])
+    x = torch.randn(1, 3, size, size, generator=generator)
+    return x, tensors[f"{variant}.t"], tensors[f"{variant}.y"]
+
+
+def adapter_tokens(variant: str, variants: dict, hidden_size: int, num_tokens: int):
+    """The adapter input tokens of a width case, regenerated from its seed + adapter_input_seed_offset."""
+    seed = variants["width_cases"][variant]["seed"] + variants["adapter_input_seed_offset"]
+    return torch.randn(1, num_tokens, hidden_size, generator=torch.Generator().manual_seed(seed))
+
+
+def stored_rows(image, variants: dict):
+    """The rows of an image that official_widths.safetensors stores (every row_stride-th at its resolution)."""
+    return image[:, :, :: variants["row_stride"][str(image.shape[-1])]]

@@ -1,4 +1,4 @@
-"""Deterministic random weights in the official PixelREPA key layout, for parity tests."""
+"""Deterministic random weights in the official PixelREPA / JiT key layouts, and official checkpoints of them."""
 
 import json
 import math
@@ -74,3 +74,33 @@ def official_training_checkpoint(net_state, adapter_state, other_state, args, ep
         index += len(names)
     return {"model": model, "optimizer": {"state": state, "param_groups": param_groups}, "epoch": epoch,
             "args": args, "model_ema1": emas[0], "model_ema2": emas[1]}
+
+
+def official_checkpoint_dict(denoiser_state, checkpoint_format, args, weights="ema1", other_value=0.01):
+    """
+    A checkpoint-last.pth dict as the official save_model writes it, from an official Denoiser.state_dict().
+
+    "pixelrepa" (kaist-cvml/PixelREPA): `model` is the whole Denoiser, the EMAs hold the backbone without `net.`.
+    "jit" (LTH14/JiT): `model`, `model_ema1` and `model_ema2` are all whole-Denoiser state dicts (`net.*`).
+    The backbone of the entry named by `weights` (ema1, ema2 or model) is `denoiser_state`'s; the other entries'
+    backbones are the constant `other_value`, stored as one element, so a wrong pick changes every output.
+    """
+    entries = {"ema1": "model_ema1", "ema2": "model_ema2", "model": "model"}
+    backbone = {key: value for key, value in denoiser_state.items() if key.startswith("net.")}
+    stand_in = {key: torch.full((1,), other_value).expand(value.shape) for key, value in backbone.items()}
+    checkpoint = {}
+    for name, entry in entries.items():
+        chosen = backbone if name == weights else stand_in
+        if checkpoint_format == "pixelrepa" and name != "model":
+            checkpoint[entry] = {key[len("net.") :]: value for key, value in chosen.items()}
+        elif checkpoint_format == "pixelrepa":
+            checkpoint[entry] = {**denoiser_state, **chosen}
+        else:
+            checkpoint[entry] = dict(chosen)
+    checkpoint.update(
+        optimizer={"state": {}, "param_groups": [{"lr": 2e-4, "betas": (0.9, 0.95), "weight_decay": 0.0,
+                                                  "params": list(range(len(denoiser_state)))}]},
+        epoch=599,
+        args=args,
+    )
+    return checkpoint

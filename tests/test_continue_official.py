@@ -19,6 +19,7 @@ from official_weights import official_training_checkpoint, random_official_state
 from pixelrepa_diffusers import JiTTransformer2DModel, MaskedTransformerAdapter
 from pixelrepa_diffusers.conversion import (
     convert_official_training_checkpoint,
+    official_trainable_names,
     rename_official_keys,
     training_parameter_name,
 )
@@ -225,3 +226,27 @@ def test_cli_writes_a_training_checkpoint_and_refuses_one_without_adamw_state(tm
                              text=True)
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
     assert "has no AdamW state" in refused.stderr and not (tmp_path / "no").exists()
+
+
+def test_a_jit_checkpoint_converts_to_a_plain_jit_training_checkpoint(tmp_path):
+    """LTH14/JiT format: `net.` in all three entries, no adapter or mask_token; alignment none, all moments mapped."""
+    tensors, metadata, args = official_step_fixture()
+    manifest = [(key, shape) for key, shape in metadata["net_manifest"] if key != "mask_token"]
+    jit_metadata = {**metadata, "net_manifest": manifest}
+    checkpoint = official_checkpoint(tensors, jit_metadata, args, jit_format=True)
+    torch.save(checkpoint, tmp_path / "checkpoint-last.pth")
+    convert_official_training_checkpoint(str(tmp_path / "checkpoint-last.pth"), str(tmp_path / "converted"),
+                                         in_context_start=1)
+    state = json.loads((tmp_path / "converted" / TRAINING_STATE_NAME).read_text())
+    assert state["alignment"] == "none" and not (tmp_path / "converted" / "adapter").exists()
+    ema_1 = load_file(tmp_path / "converted" / "ema_1" / "diffusion_pytorch_model.safetensors")
+    assert torch.equal(ema_1["blocks.0.attn.to_qkv.weight"], checkpoint["model_ema1"]["net.blocks.0.attn.qkv.weight"])
+    moments = load_file(tmp_path / "converted" / OPTIMIZER_MOMENTS_NAME)
+    names = {key.rsplit(".", 1)[0] for key in moments}
+    transformer = JiTTransformer2DModel.from_pretrained(tmp_path / "converted" / "transformer")
+    assert names == {f"transformer.{name}" for name, _ in transformer.named_parameters()} - {"transformer.mask_token"}
+    official = checkpoint["optimizer"]["state"]
+    no_decay_count = len(checkpoint["optimizer"]["param_groups"][0]["params"])
+    first_decay = official_trainable_names(checkpoint["model"])[no_decay_count]
+    assert torch.equal(moments[f"{training_parameter_name(first_decay)}.exp_avg"], official[no_decay_count]["exp_avg"])
+

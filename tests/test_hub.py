@@ -26,6 +26,7 @@ from pixelrepa_diffusers.hub import (
     render_model_card,
     write_variant_cards,
 )
+from pixelrepa_diffusers.transformer_jit import JIT_PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_ID = "tester/tiny-pixelrepa"
@@ -142,10 +143,16 @@ def test_variant_cards_are_rendered_from_the_template_and_parse(tmp_path):
         assert card.data.datasets == ["imagenet-1k"]
         assert card.data.model_name == variant
         metrics = {result.metric_type: result.metric_value for result in card.data.eval_results}
-        assert metrics == {"fid": spec["fid"], "inception_score": spec["inception_score"]}
+        published = {"fid": spec["fid"], "inception_score": spec["inception_score"]}
+        assert metrics == {key: value for key, value in published.items() if value is not None}
+        assert ("Inception Score" in card.text) == (spec["inception_score"] is not None)
         assert all(result.source_name.startswith("as reported by the") for result in card.data.eval_results)
         assert f"| Classifier-free guidance scale | {spec['guidance_scale']} |" in card.text
         assert "50 steps" in card.text and "applied for 0.1 < t < 1.0" in card.text
+        resolution = JIT_PRESETS[spec["backbone"]]["sample_size"]
+        assert f"{resolution}x{resolution} images" in card.text and f"jit_in{resolution}_stats.npz" in card.text
+        assert f"| Initial noise scale | {spec['noise_scale']} |" in card.text
+        assert f"noise scale {spec['noise_scale']}" in card.text and "official 600-epoch checkpoint" in card.text
         assert "@misc{shin2026pixelrepa" in card.text and "@article{li2025jit" in card.text
 
 
@@ -163,6 +170,7 @@ def test_card_of_a_trained_model_without_metrics_parses():
         (dict(method="DiT"), "method must be one of"),
         (dict(guidance_interval=(0.5, 0.2)), "guidance_interval"),
         (dict(fid=3.0, inception_score=280.0), "must be given together"),
+        (dict(inception_score=280.0), "need fid"),
         (dict(fid=3.0, inception_score=280.0, metrics_source="measured", dataset=None), "need the Hub dataset id"),
     ],
 )

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from official_fixtures import load_fixture, official_state, relative_error, small_transformer_config
+from official_fixtures import load_fixture, load_variants, official_state, relative_error, small_transformer_config
 from pixelrepa_diffusers import JiTFlowMatchScheduler, JiTTransformer2DModel, MaskedTransformerAdapter, PixelREPAPipeline
 from pixelrepa_diffusers.conversion import rename_official_keys
 
@@ -106,3 +106,26 @@ def test_sampling_matches_official_generate(case):
     expected = tensors[f"{case}.output"]
     assert relative_error(final["latents"], expected) <= 1e-4
     assert torch.allclose(images, ((expected + 1) / 2).clamp(0, 1), atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", list(load_variants()["full"]))
+def test_presets_build_the_official_architecture_at_full_depth(variant):
+    spec = load_variants()["full"][variant]
+    official = {key[len("net.") :]: tuple(shape) for key, shape in spec["manifest"] if key.startswith("net.")}
+    with torch.device("meta"):
+        transformer = JiTTransformer2DModel.from_preset(spec["args"]["model"])
+        adapter = MaskedTransformerAdapter.from_preset(spec["args"]["model"], out_channels=768)
+    ours = {key: tuple(value.shape) for key, value in transformer.state_dict().items()}
+    if spec["codebase"] == "jit":
+        assert "mask_token" not in official
+        ours.pop("mask_token")
+    renamed = {new: official[old] for old, new in zip(official, rename_official_keys(dict.fromkeys(official)))}
+    assert ours == renamed
+    official_adapter = {key[len("masked_transformer_adapter.") :]: tuple(shape) for key, shape in spec["manifest"]
+                        if key.startswith("masked_transformer_adapter.")}
+    if official_adapter:
+        renamed = {new: official_adapter[old] for old, new in
+                   zip(official_adapter, rename_official_keys(dict.fromkeys(official_adapter)))}
+        if adapter.projection is None:
+            renamed = {key: shape for key, shape in renamed.items() if not key.startswith("projection.")}
+        assert {key: tuple(value.shape) for key, value in adapter.state_dict().items()} == renamed

@@ -274,8 +274,8 @@ def build_aligner(args, transformer, encoder_width):
         return adapter
     return MaskedTransformerAdapter(
         sample_size=config.sample_size, patch_size=config.patch_size, hidden_size=config.hidden_size,
-        num_attention_heads=config.num_attention_heads, mlp_ratio=config.mlp_ratio, num_classes=config.num_classes,
-        in_context_len=config.in_context_len, out_channels=encoder_width,
+        num_attention_heads=config.num_attention_heads, mlp_ratio=config.mlp_ratio, ff_inner_dim=config.ff_inner_dim,
+        num_classes=config.num_classes, in_context_len=config.in_context_len, out_channels=encoder_width,
     )
 
 

@@ -15,7 +15,8 @@ from .transformer_jit import JiTTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 # Numerical regimes of the transformer while sampling (the ODE state is fp32 in all of them):
-#   "model": the transformer in its own weight dtype, no autocast, its own attention setting (SDPA by default).
+#   "model": the transformer in its own weight dtype with autocast off, and its own attention setting (SDPA by
+#       default).
 #   "official": what the JiT and PixelREPA papers sample and evaluate with: fp32 weights under bf16 autocast,
 #       attention logits q k^T and softmax in fp32 with autocast off, attention weights @ v in bf16.
 #   "bf16_sdpa": fp32 weights under bf16 autocast with attention through SDPA in bf16 (flash attention on GPU).

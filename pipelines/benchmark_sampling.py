@@ -5,8 +5,11 @@
 
 Baseline: the official `Denoiser.generate` (separate cond and uncond forwards, uncond also outside the CFG
 interval, fp32 attention with the full matrix) with the same weights when `--reference_repo` is given; otherwise
-our pipeline with that attention, fp32 weights and no compile. Under `--dtype bf16` the baseline runs under bf16
-autocast, as the official evaluation does. `--forward_only` times one transformer forward instead.
+our pipeline with that attention, fp32 weights and no compile. A bf16 baseline (`--baseline_dtype bf16`, the default
+under `--dtype bf16`) runs in the official regime: bf16 autocast, fp32 attention logits. Ours runs with `--dtype`
+weights in the regime `--precision`; so `--precision official --baseline_dtype fp32` gives the official regime's
+deviation from fp32 (on the [0, 1] image scale). `--pretrained_model_name_or_path` takes trained weights (a pipeline
+folder) instead of random ones. `--forward_only` times one transformer forward instead.
 """
 
 import argparse
@@ -18,7 +21,7 @@ import tempfile
 import torch
 import torch.nn as nn
 
-from pixelrepa_diffusers import JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline
+from pixelrepa_diffusers import PRECISIONS, JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline
 from pixelrepa_diffusers.benchmarking import (
     alternating_timings,
     describe_machine,
@@ -36,6 +39,7 @@ from pixelrepa_diffusers.benchmarking import (
     transformer_flops,
 )
 from pixelrepa_diffusers.conversion import rename_official_keys
+from pixelrepa_diffusers.pipeline_pixelrepa import check_precision, precision_context
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -43,6 +47,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="JiT-B/16", help="JiT preset name")
+    parser.add_argument("--pretrained_model_name_or_path", default=None,
+                        help="a pipeline folder whose trained transformer replaces --model's random weights")
     parser.add_argument("--config_overrides", type=json.loads, default={},
                         help='JSON of JiTTransformer2DModel config overrides, e.g. \'{"num_layers": 2}\'')
     parser.add_argument("--batch_size", type=int, default=256)
@@ -51,9 +57,12 @@ def parse_args(argv=None):
     parser.add_argument("--guidance_interval", type=float, nargs=2, default=(0.1, 1.0))
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="our transformer's weights (the ODE state stays fp32)")
+    parser.add_argument("--precision", default="model",
+                        help=f"our regime, one of {', '.join(PRECISIONS)} (see PixelREPAPipeline.__call__); "
+                             "official and bf16_sdpa need --dtype fp32")
     parser.add_argument("--baseline_dtype", choices=sorted(DTYPES), default=None,
-                        help="bf16 runs the baseline under bf16 autocast; default: --dtype")
-    parser.add_argument("--upcast_attention", action="store_true", help="our attention in fp32 under --dtype bf16")
+                        help="fp32, or bf16: the baseline in the official regime (bf16 autocast, fp32 attention "
+                             "logits); default: --dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile our transformer (static shapes)")
     parser.add_argument("--compile_mode", default="default",
                         help="torch.compile mode; 'reduce-overhead' adds CUDA graphs")
@@ -76,6 +85,10 @@ def check_args(args) -> None:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}.")
+    check_precision(args.precision, DTYPES[args.dtype])
+    if args.pretrained_model_name_or_path is not None and args.reference_repo is not None:
+        raise ValueError("--pretrained_model_name_or_path and --reference_repo do not combine: the official baseline "
+                         "is built with random weights.")
 
 
 class PlaceholderEncoder(nn.Module):
@@ -89,7 +102,10 @@ class PlaceholderEncoder(nn.Module):
 
 
 def build_models(args, device):
-    """Our transformer with random weights and the baseline: the official Denoiser (same weights) or None."""
+    """Our transformer (trained or random weights) and the baseline: the official Denoiser (same weights) or None."""
+    if args.pretrained_model_name_or_path is not None:
+        transformer = JiTTransformer2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer")
+        return transformer, None
     transformer = JiTTransformer2DModel.from_preset(args.model, **args.config_overrides)
     if args.reference_repo is None:
         randomize_parameters_(transformer, args.seed)
@@ -116,10 +132,18 @@ def build_models(args, device):
     return transformer, denoiser.to(device).eval()
 
 
+def baseline_dtype(args) -> str:
+    return args.dtype if args.baseline_dtype is None else args.baseline_dtype
+
+
 def baseline_autocast(args, device):
-    """The baseline's precision: bf16 autocast (as the official evaluation) or fp32."""
-    baseline_dtype = args.dtype if args.baseline_dtype is None else args.baseline_dtype
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=baseline_dtype == "bf16")
+    """The official baseline's precision: bf16 autocast (as the official evaluation) or fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=baseline_dtype(args) == "bf16")
+
+
+def baseline_precision(args) -> str:
+    """Our plain baseline's regime: the official one (bf16 autocast, fp32 attention logits) or fp32."""
+    return "official" if baseline_dtype(args) == "bf16" else "model"
 
 
 def sampling_runs(args, transformer, denoiser, device):
@@ -129,7 +153,6 @@ def sampling_runs(args, transformer, denoiser, device):
     config = transformer.config
     generator = torch.Generator().manual_seed(args.seed)
     labels = torch.randint(0, config.num_classes, (args.batch_size,), generator=generator).to(device)
-    autocast = baseline_autocast(args, device)
     outputs = {}
 
     def pipeline_of(model):
@@ -155,11 +178,11 @@ def sampling_runs(args, transformer, denoiser, device):
         baseline_module = plain
 
         def baseline():
-            with autocast:
-                plain_pipe(labels, args.num_inference_steps, latents=noise(), output_type="pt",
-                           callback_on_step_end=final_latents("baseline"))
+            plain_pipe(labels, args.num_inference_steps, latents=noise(), output_type="pt",
+                       callback_on_step_end=final_latents("baseline"), precision=baseline_precision(args))
     else:
         baseline_module = denoiser
+        autocast = baseline_autocast(args, device)
 
         def baseline():
             torch.manual_seed(args.seed)
@@ -167,14 +190,13 @@ def sampling_runs(args, transformer, denoiser, device):
                 outputs["baseline"] = denoiser.generate(labels)
 
     transformer = transformer.to(device=device, dtype=dtype).eval()
-    transformer.set_attention_upcast(args.upcast_attention)
     if args.compile:
         transformer.compile(mode=args.compile_mode, dynamic=False, fullgraph=True)
     pipe = pipeline_of(transformer)
 
     def ours():
         pipe(labels, args.num_inference_steps, latents=noise(), output_type="pt",
-             callback_on_step_end=final_latents("ours"))
+             callback_on_step_end=final_latents("ours"), precision=args.precision)
 
     resident = {"ours": module_bytes(transformer), "baseline": module_bytes(baseline_module)}
     return {"ours": ours, "baseline": baseline}, resident, outputs
@@ -189,7 +211,6 @@ def forward_runs(args, transformer, denoiser, device):
     t = torch.rand(args.batch_size, generator=generator)
     y = torch.randint(0, config.num_classes + 1, (args.batch_size,), generator=generator)
     x, t, y = x.to(device), t.to(device), y.to(device)
-    autocast = baseline_autocast(args, device)
     outputs = {}
     if denoiser is None:
         net = copy.deepcopy(transformer)
@@ -197,24 +218,27 @@ def forward_runs(args, transformer, denoiser, device):
         net = net.to(device).eval()
         baseline_module = net
 
-        def baseline_forward(x, t, y):
-            return net(x, t, y).sample
+        @torch.no_grad()
+        def baseline():
+            with precision_context(net, baseline_precision(args), device):
+                outputs["baseline"] = net(x, t, y).sample
     else:
-        baseline_module = baseline_forward = denoiser.net
+        baseline_module = denoiser.net
+        autocast = baseline_autocast(args, device)
+
+        @torch.no_grad()
+        def baseline():
+            with autocast:
+                outputs["baseline"] = denoiser.net(x, t, y)
 
     transformer = transformer.to(device=device, dtype=dtype).eval()
-    transformer.set_attention_upcast(args.upcast_attention)
     if args.compile:
         transformer.compile(mode=args.compile_mode, dynamic=False, fullgraph=True)
 
     @torch.no_grad()
-    def baseline():
-        with autocast:
-            outputs["baseline"] = baseline_forward(x, t, y)
-
-    @torch.no_grad()
     def ours():
-        outputs["ours"] = transformer(x.to(dtype), t, y).sample
+        with precision_context(transformer, args.precision, device):
+            outputs["ours"] = transformer(x.to(dtype), t, y).sample
 
     resident = {"ours": module_bytes(transformer), "baseline": module_bytes(baseline_module)}
     return {"ours": ours, "baseline": baseline}, resident, outputs
@@ -257,6 +281,7 @@ def run(args) -> dict:
 
     ours, baseline = outputs["ours"].float(), outputs["baseline"].float()
     image_difference = (to_image(ours) - to_image(baseline)).abs()
+    model_name = args.model if args.pretrained_model_name_or_path is None else args.pretrained_model_name_or_path
     evaluations = 1 if args.forward_only else 2 * args.num_inference_steps - 1
     results = dict(
         machine=machine,
@@ -264,14 +289,15 @@ def run(args) -> dict:
         command=" ".join(sys.argv),
         mode="forward" if args.forward_only else "sampling",
         baseline_kind="official" if denoiser is not None else "plain",
-        model=args.model, config_overrides=args.config_overrides, batch_size=args.batch_size,
+        model=model_name, config_overrides=args.config_overrides, batch_size=args.batch_size,
         num_inference_steps=args.num_inference_steps, model_evaluations=evaluations,
         guidance_scale=args.guidance_scale, guidance_interval=list(args.guidance_interval), dtype=args.dtype,
-        compile=args.compile, upcast_attention=args.upcast_attention,
+        precision=args.precision, compile=args.compile,
         transformer_gflops_per_image=transformer_flops(transformer.config) / 1e9,
-        baseline_dtype=args.dtype if args.baseline_dtype is None else args.baseline_dtype,
+        baseline_dtype=baseline_dtype(args),
         max_image_difference=image_difference.max().item(),
         mean_image_difference=image_difference.mean().item(),
+        relative_image_difference=(image_difference.norm() / to_image(baseline).norm()).item(),
         relative_difference=((ours - baseline).norm() / baseline.norm()).item(),
     )
     for name, timing in timings.items():
@@ -292,16 +318,17 @@ def report(results) -> None:
     print(f"{machine['device_name']} ({machine['device']}, {machine['threads']} threads), torch {machine['torch']}, "
           f"{machine['date']}, load average {machine['load_average']} before, {results['load_average_after']} after")
     print(f"{results['model']} {results['config_overrides'] or ''} batch {results['batch_size']}, {what}; "
-          f"ours {results['dtype']}{' compiled' if results['compile'] else ''}, "
-          f"baseline {results['baseline_kind']} {results['baseline_dtype']}")
+          f"ours {results['dtype']} weights, precision {results['precision']}"
+          f"{' compiled' if results['compile'] else ''}, baseline {results['baseline_kind']} "
+          f"{'official regime' if results['baseline_dtype'] == 'bf16' else 'fp32'}")
     for name in ("ours", "baseline"):
         entry = results[name]
         print(f"{name:>8}: {entry['median_seconds']:.4f} s/batch, {entry['images_per_second']:.4g} img/s, "
               f"peak memory {format_bytes(entry['peak_bytes'])}")
     print(f"speed-up ours / baseline (median img/s): {results['speedup']:.3f}x")
     print(f"agreement on the [0, 1] image scale: max |ours - baseline| {results['max_image_difference']:.3e}, "
-          f"mean {results['mean_image_difference']:.3e}; relative L2 before clamping "
-          f"{results['relative_difference']:.3e}")
+          f"mean {results['mean_image_difference']:.3e}, relative L2 {results['relative_image_difference']:.3e}; "
+          f"relative L2 before clamping {results['relative_difference']:.3e}")
     if "profile" in results:
         print(results["profile"])
 

@@ -3,7 +3,9 @@
     accelerate launch pipelines/evaluate.py --pretrained_model_name_or_path PATH_OR_HUB_ID \
         --fid_statistics_file fid_stats/jit_in256_stats.npz --guidance_scale 2.6 2.8 3.0 --num_images 10000
 
-Each process generates its share of the images; a re-run with the same settings reuses finished shards.
+Each process generates its share of the images; a re-run with the same settings reuses finished shards. The
+transformer is loaded in fp32 and samples in the regime `--precision` (default: official, the papers' own:
+bf16 autocast with fp32 attention logits); accelerate's own mixed-precision setting is not used.
 """
 
 import argparse
@@ -11,15 +13,17 @@ import json
 import os
 import sys
 
+import torch
 from accelerate import Accelerator
 
-from pixelrepa_diffusers import JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline
+from pixelrepa_diffusers import PRECISIONS, JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline
 from pixelrepa_diffusers.evaluation import (
     evaluate_pipeline,
     evaluation_class_labels,
     load_fid_statistics,
     load_inception,
 )
+from pixelrepa_diffusers.pipeline_pixelrepa import check_precision
 
 
 def parse_args(argv=None):
@@ -44,7 +48,10 @@ def parse_args(argv=None):
     parser.add_argument("--output_json", default="evaluation.json")
     parser.add_argument("--shard_dir", default=None, help="default: <output_json without .json>_shards")
     parser.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded with seed + i")
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    parser.add_argument("--precision", default="official",
+                        help=f"sampling regime, one of {', '.join(PRECISIONS)} (default: official, the papers' fp32 "
+                             "weights under bf16 autocast with fp32 attention logits; model: plain fp32; bf16_sdpa: "
+                             "bf16 autocast with SDPA attention in bf16)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the transformer (static shapes, one graph; each new batch shape compiles "
                              "once)")
@@ -52,7 +59,8 @@ def parse_args(argv=None):
 
 
 def evaluate(args):
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    check_precision(args.precision, torch.float32)
+    accelerator = Accelerator()
     reference = load_fid_statistics(args.fid_statistics_file)
     transformer_config = JiTTransformer2DModel.load_config(args.pretrained_model_name_or_path, subfolder="transformer")
     # Reject a bad num_images before loading any weights.
@@ -87,6 +95,7 @@ def evaluate(args):
         class_balanced=args.class_balanced,
         seed=args.seed,
         save_images=args.save_images,
+        precision=args.precision,
     )
     if accelerator.is_main_process:
         for result in results:

@@ -9,7 +9,8 @@ import PIL.Image
 import torch
 from diffusers.utils import make_image_grid
 
-from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
+from pixelrepa_diffusers import PRECISIONS, JiTFlowMatchScheduler, PixelREPAPipeline
+from pixelrepa_diffusers.pipeline_pixelrepa import check_precision
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -24,6 +25,11 @@ def parse_args(argv=None):
     parser.add_argument("--solver", choices=["heun", "euler"], default=None, help="default: the pipeline's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="transformer dtype (ODE stays fp32)")
+    parser.add_argument("--precision", default="model",
+                        help=f"numerical regime, one of {', '.join(PRECISIONS)}: model runs the --dtype weights as "
+                             "they are; official is the papers' (fp32 weights under bf16 autocast, fp32 attention "
+                             "logits); bf16_sdpa is bf16 autocast with SDPA attention in bf16. The last two need "
+                             "--dtype fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (static shapes)")
     parser.add_argument("--output_dir", default="samples")
@@ -33,6 +39,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        check_precision(args.precision, DTYPES[args.dtype])
         pipe = PixelREPAPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=DTYPES[args.dtype])
         pipe.to(args.device)
         if args.compile:
@@ -46,6 +53,7 @@ def main(argv=None) -> int:
             guidance_scale=args.guidance_scale,
             guidance_interval=args.guidance_interval,
             generator=torch.Generator(args.device).manual_seed(args.seed),
+            precision=args.precision,
         ).images
     except (ValueError, TypeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

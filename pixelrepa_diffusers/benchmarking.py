@@ -18,9 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-
-from .transformer_jit import JiTAttention, apply_rotary
 
 OFFICIAL_FILES = ("model_pixelREPA.py", "denoiser_pixelREPA.py", "util/model_util.py", "util/misc.py")
 
@@ -57,13 +54,15 @@ def import_official(source_dir, create_model, device: torch.device):
 
     `create_model(model_name, pretrained, img_size, patch_size)` stands in for timm's (it builds the frozen
     alignment encoder). On CUDA the dynamo cache limit is raised as main_pixelREPA.py does, so that its per-block
-    `@torch.compile` stays compiled; off CUDA, `Tensor.cuda` becomes the identity and those decorators are undone,
-    so the official code runs eagerly on CPU.
+    `@torch.compile` stays compiled; off CUDA, `Tensor.cuda` becomes the identity, those decorators are undone, and
+    `torch.cuda.amp.autocast(enabled=False)` (around the official attention logits) switches autocast off on
+    `device`, so the official code runs eagerly on CPU in its own precision.
     """
     if device.type == "cuda":
         torch._dynamo.config.cache_size_limit = 128
     else:
         torch.Tensor.cuda = lambda self, *args, **kwargs: self
+        torch.cuda.amp.autocast = lambda enabled: torch.autocast(device.type, enabled=enabled)
     warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.autocast.*", category=FutureWarning)
     saved_timm = sys.modules.get("timm")
     sys.modules["timm"] = types.SimpleNamespace(create_model=create_model)
@@ -158,30 +157,11 @@ def randomize_parameters_(module: nn.Module, seed: int) -> None:
         parameter.copy_(value)
 
 
-class MaterializedAttention(JiTAttention):
-    """JiTAttention computing softmax(q k^T / sqrt(d)) v with the full fp32 matrix, as the official code does."""
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        batch, length, width = x.shape
-        q, k, v = self.to_qkv(x).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q = apply_rotary(self.norm_q(q), cos, sin)
-        k = apply_rotary(self.norm_k(k), cos, sin)
-        with torch.autocast(x.device.type, enabled=False):
-            weights = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
-        weights = F.dropout(weights.softmax(dim=-1), self.attention_dropout, self.training)
-        x = (weights.to(v.dtype) @ v).transpose(1, 2).reshape(batch, length, width)
-        return self.dropout(self.to_out(x))
-
-
 def materialize_attention(model: nn.Module) -> None:
-    """Replaces every JiTAttention of `model` by a MaterializedAttention with the same weights."""
+    """Sets every attention of `model` (a JiT backbone or adapter) to the official attention, which materialises
+    the fp32 matrix."""
     for block in model.blocks:
-        attention = block.attn
-        replacement = MaterializedAttention(
-            attention.to_qkv.in_features, attention.num_heads, attention.attention_dropout, attention.dropout.p
-        )
-        replacement.load_state_dict(attention.state_dict())
-        block.attn = replacement.to(device=attention.to_qkv.weight.device, dtype=attention.to_qkv.weight.dtype)
+        block.attn.fp32_logits = True
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS, center_crop_arr, check_resolution
+from .pipeline_pixelrepa import check_precision
 
 INCEPTION_FEATURES = ["2048", "logits_unbiased"]
 FEATURE_DIM = 2048
@@ -177,7 +178,7 @@ def dataset_statistics(
     return fid_features_to_statistics(torch.cat(features))
 
 
-def sampling_settings(pipeline, accelerator: Accelerator, guidance_scale, guidance_interval, **settings) -> dict:
+def sampling_settings(pipeline, guidance_scale, guidance_interval, **settings) -> dict:
     """Every setting that determines the evaluated images, with the pipeline's defaults filled in."""
     config = pipeline.config
     return {
@@ -186,27 +187,26 @@ def sampling_settings(pipeline, accelerator: Accelerator, guidance_scale, guidan
         "guidance_interval": list(config.guidance_interval if guidance_interval is None else guidance_interval),
         "scheduler": {key: value for key, value in pipeline.scheduler.config.items() if not key.startswith("_")},
         "transformer_dtype": str(pipeline.transformer.dtype),
-        "mixed_precision": accelerator.mixed_precision,
         **settings,
     }
 
 
 @torch.no_grad()
-def generate_shard(pipeline, inception, accelerator, labels, start, end, settings, batch_size, save_dir, progress_bar):
+def generate_shard(pipeline, inception, labels, start, end, settings, batch_size, save_dir, progress_bar):
     """Generates images start..end-1 (image i from noise seeded with seed + i) and returns their Inception
     features, logits and class labels."""
     features, logits = [], []
     for batch in torch.arange(start, end).split(batch_size):
         generators = [torch.Generator().manual_seed(settings["seed"] + index) for index in batch.tolist()]
-        with accelerator.autocast():
-            images = pipeline(
-                labels[batch],
-                num_inference_steps=settings["num_inference_steps"],
-                guidance_scale=settings["guidance_scale"],
-                guidance_interval=settings["guidance_interval"],
-                generator=generators,
-                output_type="pt",
-            ).images
+        images = pipeline(
+            labels[batch],
+            num_inference_steps=settings["num_inference_steps"],
+            guidance_scale=settings["guidance_scale"],
+            guidance_interval=settings["guidance_interval"],
+            generator=generators,
+            output_type="pt",
+            precision=settings["precision"],
+        ).images
         images = to_uint8(images)
         if save_dir is not None:
             for index, image in zip(batch.tolist(), images.permute(0, 2, 3, 1).cpu().numpy()):
@@ -234,9 +234,12 @@ def evaluate_pipeline(
     seed: int = 0,
     isc_splits: int = 10,
     save_images: str | None = None,
+    precision: str = "official",
 ) -> list[dict] | None:
     """
-    FID and IS of `num_images` samples for each guidance scale (None: the pipeline's default).
+    FID and IS of `num_images` samples for each guidance scale (None: the pipeline's default), sampled in the
+    regime `precision` (one of `PRECISIONS`; "official", the papers' bf16 autocast with fp32 attention logits, by
+    default).
 
     Image indices are cut into shards of `images_per_shard`, saved as
     `shard_dir/guidance_<scale>-<settings hash>/shard-<start>-<end>.safetensors`. Shards already there are reused,
@@ -247,6 +250,7 @@ def evaluate_pipeline(
     Returns, on the main process, one dict per guidance scale with its settings, `fid`, `inception_score_mean`,
     `inception_score_std` and the number of `reused_shards`; None on the other processes.
     """
+    check_precision(precision, pipeline.transformer.dtype)
     labels = evaluation_class_labels(num_images, pipeline.transformer.config.num_classes, class_balanced, seed)
     if num_images < isc_splits:
         raise ValueError(f"num_images must be at least isc_splits ({isc_splits}), got {num_images}.")
@@ -258,8 +262,8 @@ def evaluate_pipeline(
     results = []
     for guidance_scale in guidance_scales:
         settings = sampling_settings(
-            pipeline, accelerator, guidance_scale, guidance_interval, num_images=num_images,
-            num_inference_steps=num_inference_steps, class_balanced=class_balanced, seed=seed,
+            pipeline, guidance_scale, guidance_interval, num_images=num_images,
+            num_inference_steps=num_inference_steps, class_balanced=class_balanced, seed=seed, precision=precision,
         )
         name = f"guidance_{settings['guidance_scale']:g}"
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -283,7 +287,7 @@ def evaluate_pipeline(
         )
         for shard in pending:
             tensors = generate_shard(
-                pipeline, inception, accelerator, labels, *bounds[shard], settings, batch_size, save_dir, progress_bar
+                pipeline, inception, labels, *bounds[shard], settings, batch_size, save_dir, progress_bar
             )
             save_file(tensors, paths[shard] + ".tmp", metadata={"process_index": str(accelerator.process_index)})
             os.replace(paths[shard] + ".tmp", paths[shard])

@@ -1,5 +1,6 @@
 """Class-conditional pixel-space sampling with JiT / PixelREPA transformers."""
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -13,6 +14,13 @@ from .scheduling_jit_flow_match import JiTFlowMatchScheduler
 from .transformer_jit import JiTTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+# Numerical regimes of the transformer while sampling (the ODE state is fp32 in all of them):
+#   "model": the transformer in its own weight dtype with autocast off, and its own attention setting (SDPA by
+#       default).
+#   "official": what the JiT and PixelREPA papers sample and evaluate with: fp32 weights under bf16 autocast,
+#       attention logits q k^T and softmax in fp32 with autocast off, attention weights @ v in bf16.
+#   "bf16_sdpa": fp32 weights under bf16 autocast with attention through SDPA in bf16 (flash attention on GPU).
+PRECISIONS = ("model", "official", "bf16_sdpa")
 PIPELINE_FILES = ["model_index.json", "transformer/*.json", "transformer/*.safetensors", "scheduler/*.json"]
 
 
@@ -132,6 +140,7 @@ class PixelREPAPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        precision: str = "model",
     ):
         """
         Args:
@@ -145,7 +154,11 @@ class PixelREPAPipeline(DiffusionPipeline):
             return_dict: return an `ImagePipelineOutput` instead of a tuple.
             callback_on_step_end: called as `fn(pipe, step, t, tensors)` after each scheduler step; may return
                 replacements for the tensors named in `callback_on_step_end_tensor_inputs`.
+            precision: the transformer's numerical regime, one of `PRECISIONS`: "model" (its weight dtype, no
+                autocast), "official" (the papers': fp32 weights, bf16 autocast, fp32 attention logits) or
+                "bf16_sdpa" (bf16 autocast, SDPA attention in bf16). The last two need fp32 weights.
         """
+        check_precision(precision, self.transformer.dtype)
         labels = self.check_class_labels(class_labels)
         guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         guidance_interval = tuple(self.config.guidance_interval if guidance_interval is None else guidance_interval)
@@ -181,9 +194,10 @@ class PixelREPAPipeline(DiffusionPipeline):
                     labels_input = torch.cat([class_labels, null_labels])
                 else:
                     model_input, labels_input = latents, class_labels
-                x_pred = self.transformer(
-                    model_input.to(model_dtype), t.expand(model_input.shape[0]), labels_input
-                ).sample.float()
+                with precision_context(self.transformer, precision, device):
+                    x_pred = self.transformer(
+                        model_input.to(model_dtype), t.expand(model_input.shape[0]), labels_input
+                    ).sample.float()
                 if guided_steps[i]:
                     x_cond, x_uncond = x_pred.chunk(2)
                     x_pred = x_uncond + guidance_scale * (x_cond - x_uncond)
@@ -216,3 +230,28 @@ def check_guidance_interval(guidance_interval) -> None:
     """Raises ValueError unless guidance_interval is (min, max) with 0 <= min < max <= 1."""
     if len(guidance_interval) != 2 or not 0 <= guidance_interval[0] < guidance_interval[1] <= 1:
         raise ValueError(f"guidance_interval must be (min, max) with 0 <= min < max <= 1, got {guidance_interval}.")
+
+
+def check_precision(precision: str, transformer_dtype: torch.dtype) -> None:
+    """Raises ValueError unless `precision` is one of PRECISIONS and, if it autocasts, the weights are fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    if precision != "model" and transformer_dtype != torch.float32:
+        raise ValueError(
+            f"precision {precision!r} runs fp32 weights under bf16 autocast, but the transformer is {transformer_dtype}; "
+            "load it with torch_dtype=torch.float32, the default (--dtype fp32 on the command line)."
+        )
+
+
+@contextlib.contextmanager
+def precision_context(transformer: JiTTransformer2DModel, precision: str, device: torch.device):
+    """Runs the transformer calls inside the block in the regime `precision` (see PRECISIONS) on `device`."""
+    check_precision(precision, transformer.dtype)
+    fp32_logits = transformer.attention_fp32_logits
+    if precision != "model":
+        transformer.set_attention_fp32_logits(precision == "official")
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision != "model"):
+            yield
+    finally:
+        transformer.set_attention_fp32_logits(fp32_logits)

@@ -65,6 +65,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm computed in fp32 with the weight and returned in the input dtype, as the official RMSNorm (so under
+    bf16 autocast a bf16 input is rounded once, after the weight)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = x.float()
+        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * hidden).to(x.dtype)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -99,17 +109,22 @@ class TimestepEmbedder(nn.Module):
 
 
 class JiTAttention(nn.Module):
-    """Multi-head self-attention with qk RMSNorm and 2D RoPE, through SDPA."""
+    """
+    Multi-head self-attention with qk RMSNorm and 2D RoPE.
+
+    By default through SDPA in the compute dtype. With `fp32_logits`, as the official code: q k^T and the softmax in
+    fp32 with autocast off, then the weights times v in the compute dtype (bf16 under bf16 autocast).
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, attention_dropout: float, dropout: float):
         super().__init__()
         self.num_heads = num_heads
         self.attention_dropout = attention_dropout
-        self.upcast = False
+        self.fp32_logits = False
         head_dim = hidden_size // num_heads
         self.to_qkv = nn.Linear(hidden_size, 3 * hidden_size)
-        self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
-        self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
+        self.norm_q = RMSNorm(head_dim, eps=1e-6)
+        self.norm_k = RMSNorm(head_dim, eps=1e-6)
         self.to_out = nn.Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
 
@@ -118,12 +133,15 @@ class JiTAttention(nn.Module):
         q, k, v = self.to_qkv(x).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q = apply_rotary(self.norm_q(q), cos, sin)
         k = apply_rotary(self.norm_k(k), cos, sin)
-        attn_dtype = torch.float32 if self.upcast else v.dtype
-        x = F.scaled_dot_product_attention(
-            q.to(attn_dtype), k.to(attn_dtype), v.to(attn_dtype),
-            dropout_p=self.attention_dropout if self.training else 0.0,
-        )
-        x = x.to(v.dtype).transpose(1, 2).reshape(batch, length, width)
+        dropout_p = self.attention_dropout if self.training else 0.0
+        if self.fp32_logits:
+            with torch.autocast(x.device.type, enabled=False):
+                weights = q.float() @ k.float().transpose(-2, -1) * (1 / math.sqrt(q.shape[-1]))
+                weights = F.dropout(weights.softmax(dim=-1), dropout_p)
+            x = weights.to(v.dtype) @ v
+        else:
+            x = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, dropout_p=dropout_p)
+        x = x.transpose(1, 2).reshape(batch, length, width)
         return self.dropout(self.to_out(x))
 
 
@@ -151,9 +169,9 @@ class JiTBlock(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, ff_inner_dim: int, attention_dropout: float, dropout: float):
         super().__init__()
-        self.norm1 = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.norm1 = RMSNorm(hidden_size, eps=1e-6)
         self.attn = JiTAttention(hidden_size, num_heads, attention_dropout, dropout)
-        self.norm2 = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.norm2 = RMSNorm(hidden_size, eps=1e-6)
         self.ff = SwiGLU(hidden_size, ff_inner_dim, dropout)
         self.adaln_modulation = nn.Linear(hidden_size, 6 * hidden_size)
 
@@ -169,7 +187,7 @@ class JiTFinalLayer(nn.Module):
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
-        self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.norm = RMSNorm(hidden_size, eps=1e-6)
         self.adaln_modulation = nn.Linear(hidden_size, 2 * hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
 
@@ -281,10 +299,16 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.final_layer.linear.bias)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def set_attention_upcast(self, enabled: bool) -> None:
-        """Runs attention in fp32 whatever the model dtype (the official code's softmax precision)."""
+    @property
+    def attention_fp32_logits(self) -> bool:
+        """Whether attention computes q k^T and the softmax in fp32 with autocast off (the official attention)."""
+        return self.blocks[0].attn.fp32_logits
+
+    def set_attention_fp32_logits(self, enabled: bool) -> None:
+        """Official attention (q k^T and softmax in fp32 with autocast off, weights @ v in the compute dtype) if
+        enabled, else SDPA in the compute dtype."""
         for block in self.blocks:
-            block.attn.upcast = enabled
+            block.attn.fp32_logits = enabled
 
     def embed_conditions(self, timestep: torch.Tensor, class_labels: torch.Tensor):
         """The adaLN condition (timestep + label embedding) and the label embedding alone."""
@@ -292,8 +316,11 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin):
         return self.timestep_embedder(timestep) + label_embedding, label_embedding
 
     def embed_patches(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Image (B, C, H, W) to tokens (B, N, D) with the fixed position embedding."""
-        return self.patch_embed(hidden_states) + self.pos_embed
+        """Image (B, C, H, W) to tokens (B, N, D) with the fixed position embedding, added in place as the official
+        code does (so the tokens keep the patch embedding's dtype and layout, e.g. bf16 under bf16 autocast)."""
+        tokens = self.patch_embed(hidden_states)
+        tokens += self.pos_embed
+        return tokens
 
     def run_blocks(self, tokens, conditioning, label_embedding, start: int, end: int) -> torch.Tensor:
         """Blocks start..end-1; the in-context class tokens are prepended before block `in_context_start`."""
@@ -303,7 +330,7 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin):
         for index in range(start, end):
             if index == in_context_start:
                 in_context_tokens = label_embedding.unsqueeze(1) + self.in_context_pos_embed
-                tokens = torch.cat([in_context_tokens.to(tokens.dtype), tokens], dim=1)
+                tokens = torch.cat([in_context_tokens, tokens], dim=1)
             length = tokens.shape[1]
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 tokens = self._gradient_checkpointing_func(

@@ -121,6 +121,18 @@ def test_sampling_cli_bf16_within_the_stated_tolerance(tmp_path):
     assert results["relative_difference"] < 0.05
 
 
+def test_sampling_cli_official_regime_is_the_bf16_baseline_and_close_to_fp32(tmp_path):
+    same = run_cli("pipelines/benchmark_sampling.py",
+                   *tiny_sampling_args("--precision", "official", "--baseline_dtype", "bf16"), tmp_path=tmp_path)
+    assert same["precision"] == "official" and same["baseline_dtype"] == "bf16"
+    assert same["max_image_difference"] == 0  # the same ops as the baseline's official regime
+    against_fp32 = run_cli("pipelines/benchmark_sampling.py",
+                           *tiny_sampling_args("--precision", "official", "--baseline_dtype", "fp32"),
+                           tmp_path=tmp_path)
+    assert 0 < against_fp32["mean_image_difference"] < 0.01
+    assert 0 < against_fp32["relative_image_difference"] < 0.05
+
+
 def test_sampling_cli_forward_only(tmp_path):
     results = run_cli("pipelines/benchmark_sampling.py", *tiny_sampling_args("--forward_only"), tmp_path=tmp_path)
     assert results["mode"] == "forward" and results["model_evaluations"] == 1
@@ -151,6 +163,8 @@ def test_training_cli_gradient_checkpointing_without_baseline(tmp_path):
     ("pipelines/benchmark_sampling.py", ["--batch_size", "0"], "--batch_size must be >= 1"),
     ("training/benchmark_training.py", ["--steps", "0"], "--steps must be >= 1"),
     ("pipelines/benchmark_sampling.py", ["--reference_repo", "/nonexistent"], "holds neither model_pixelREPA.py"),
+    ("pipelines/benchmark_sampling.py", ["--precision", "fp16"], "precision must be one of"),
+    ("pipelines/benchmark_sampling.py", ["--precision", "official", "--dtype", "bf16"], "--dtype fp32"),
 ])
 def test_bad_input_is_one_line_on_stderr(cli, argument, message, capsys):
     code = load_cli(cli).main([*argument, "--model", "JiT-B/16", "--config_overrides", json.dumps(TINY_CONFIG),

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import pytest
+import torch
 
 from conftest import random_tiny_transformer
 from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
@@ -50,3 +52,33 @@ def test_generate_compiled_writes_the_eager_images(tmp_path):
         eager = np.asarray(PIL.Image.open(tmp_path / "eager" / name), dtype=np.int16)
         compiled = np.asarray(PIL.Image.open(tmp_path / "compiled" / name), dtype=np.int16)
         assert np.abs(eager - compiled).max() <= 1  # fp32 agreement to ~1e-6, up to uint8 rounding
+
+
+def test_generate_precision_flag_reaches_the_pipeline(tmp_path):
+    pipe = PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler(), guidance_scale=2.0)
+    pipe.save_pretrained(tmp_path / "pipe")
+    code = load_cli().main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--class_labels", "1", "5",
+                            "--num_inference_steps", "2", "--precision", "official", "--device", "cpu",
+                            "--output_dir", str(tmp_path / "out")])
+    assert code == 0
+    pipe.set_progress_bar_config(disable=True)
+    for precision in ("official", "model"):
+        expected = pipe([1, 5], num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(0),
+                        precision=precision).images
+        written = [PIL.Image.open(tmp_path / "out" / name) for name in ("0000-1.png", "0001-5.png")]
+        same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(written, expected))
+        assert same == (precision == "official")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--precision", "fp16"], "precision must be one of ('model', 'official', 'bf16_sdpa'), got 'fp16'"),
+    (["--precision", "official", "--dtype", "bf16"], "--dtype fp32"),
+])
+def test_generate_bad_precision_is_one_line(tmp_path, capsys, argv, message):
+    pipe = PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    code = load_cli().main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--class_labels", "1",
+                            "--output_dir", str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

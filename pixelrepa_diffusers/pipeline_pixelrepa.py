@@ -9,7 +9,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
-from .scheduling_jit_flow_match import JiTFlowMatchScheduler
+from .scheduling_jit_flow_match import JiTFlowMatchScheduler, in_guidance_interval
 from .transformer_jit import JiTTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -136,7 +136,7 @@ class PixelREPAPipeline(DiffusionPipeline):
         """
         Args:
             class_labels: class indices or names, one image each.
-            num_inference_steps: ODE steps over linspace(0, 1, steps + 1).
+            num_inference_steps: ODE steps over the scheduler's time grid (uniform by default).
             guidance_scale: CFG scale; defaults to the pipeline's registered value.
             guidance_interval: (min, max) JiT-time interval for CFG; defaults to the registered value.
             generator: torch generator(s) for the initial noise, one per image if a list.
@@ -167,7 +167,8 @@ class PixelREPAPipeline(DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
         latents = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self.scheduler.set_timesteps(num_inference_steps, device=device,
+                                     guidance_interval=None if guidance_scale == 1.0 else guidance_interval)
         timesteps = self.scheduler.timesteps
         guided_steps = self.guided_steps(timesteps, guidance_scale, guidance_interval)
         class_labels = torch.tensor(labels, device=device)
@@ -207,9 +208,7 @@ class PixelREPAPipeline(DiffusionPipeline):
         """Which evaluations use CFG: guidance_scale != 1 and t in (min, max), min inclusive when it is 0."""
         if guidance_scale == 1.0:
             return [False] * len(timesteps)
-        low, high = guidance_interval
-        times = timesteps.detach().to("cpu", torch.float32)
-        return ((times < high) & ((times > low) | (low == 0))).tolist()
+        return in_guidance_interval(timesteps.detach().to("cpu", torch.float32), guidance_interval).tolist()
 
 
 def check_guidance_interval(guidance_interval) -> None:

@@ -106,18 +106,21 @@ def plot(results: list[dict], heun_50: dict, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 5))
-    for solver, time_grid in sorted({(result["solver"], result["time_grid"]) for result in results}):
+    figure, axes = plt.subplots(figsize=(9, 5.5))
+    solvers = list(dict.fromkeys(result["solver"] for result in results))
+    styles = {"uniform": "-", "guidance": "--", "shifted": ":", "own": "-."}
+    for solver, time_grid in dict.fromkeys((result["solver"], result["time_grid"]) for result in results):
         line = sorted((result["evaluations"], result["error"]) for result in results
                       if result["solver"] == solver and result["time_grid"] == time_grid)
-        axes.plot(*zip(*line), marker="o", markersize=3, label=f"{solver} / {time_grid}")
+        axes.plot(*zip(*line), marker="o", markersize=3, color=plt.cm.tab10(solvers.index(solver) % 10),
+                  linestyle=styles[time_grid], label=f"{solver} / {time_grid}")
     axes.axhline(heun_50["error"], color="gray", linestyle="--", label="Heun-50 (99 evaluations), the paper's")
     axes.set_xscale("log")
     axes.set_yscale("log")
     axes.set_xlabel("model evaluations per image")
     axes.set_ylabel("RMS error to the converged reference")
     axes.set_title(title)
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -36,7 +36,11 @@ def parse_args(argv=None):
     parser.add_argument("--guidance_interval_min", type=float, default=None, help="default: the pipeline's")
     parser.add_argument("--guidance_interval_max", type=float, default=None, help="default: the pipeline's")
     parser.add_argument("--num_inference_steps", type=int, default=50)
-    parser.add_argument("--solver", choices=["heun", "euler"], default=None, help="default: the pipeline's")
+    parser.add_argument("--solver", choices=JiTFlowMatchScheduler.SOLVERS, default=None,
+                        help="ODE solver; default: the pipeline's (converted pipelines: heun, the papers')")
+    parser.add_argument("--time_grid", choices=JiTFlowMatchScheduler.TIME_GRIDS, default=None,
+                        help="time grid; default: the pipeline's (uniform). The fast option of BENCHMARKS.md: "
+                             "--solver multistep2 --time_grid guidance --num_inference_steps 25")
     parser.add_argument("--class_balanced", action=argparse.BooleanOptionalAction, default=True,
                         help="num_images / num_classes images per class (default), or uniformly drawn labels")
     parser.add_argument("--batch_size", type=int, default=64, help="images per forward on each process")
@@ -68,8 +72,9 @@ def evaluate(args):
     with accelerator.main_process_first():
         inception = load_inception(args.inception_weights, accelerator.device)
         pipeline = PixelREPAPipeline.from_pretrained(args.pretrained_model_name_or_path)
-    if args.solver is not None:
-        pipeline.scheduler = JiTFlowMatchScheduler.from_config(pipeline.scheduler.config, solver=args.solver)
+    overrides = {name: getattr(args, name) for name in ("solver", "time_grid") if getattr(args, name) is not None}
+    if overrides:
+        pipeline.scheduler = JiTFlowMatchScheduler.from_config(pipeline.scheduler.config, **overrides)
     pipeline.to(accelerator.device)
     if args.compile:
         pipeline.transformer.compile(dynamic=False, fullgraph=True)

@@ -22,7 +22,11 @@ def parse_args(argv=None):
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--guidance_scale", type=float, default=None, help="default: the pipeline's")
     parser.add_argument("--guidance_interval", type=float, nargs=2, default=None, help="default: the pipeline's")
-    parser.add_argument("--solver", choices=["heun", "euler"], default=None, help="default: the pipeline's")
+    parser.add_argument("--solver", choices=JiTFlowMatchScheduler.SOLVERS, default=None,
+                        help="ODE solver; default: the pipeline's (converted pipelines: heun, the papers')")
+    parser.add_argument("--time_grid", choices=JiTFlowMatchScheduler.TIME_GRIDS, default=None,
+                        help="time grid; default: the pipeline's (uniform). The fast option of BENCHMARKS.md: "
+                             "--solver multistep2 --time_grid guidance --num_inference_steps 25")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="transformer dtype (ODE stays fp32)")
     parser.add_argument("--precision", default="model",
@@ -44,8 +48,9 @@ def main(argv=None) -> int:
         pipe.to(args.device)
         if args.compile:
             pipe.transformer.compile(dynamic=False, fullgraph=True)
-        if args.solver is not None:
-            pipe.scheduler = JiTFlowMatchScheduler.from_config(pipe.scheduler.config, solver=args.solver)
+        overrides = {name: getattr(args, name) for name in ("solver", "time_grid") if getattr(args, name) is not None}
+        if overrides:
+            pipe.scheduler = JiTFlowMatchScheduler.from_config(pipe.scheduler.config, **overrides)
         labels = [int(label) if label.isdigit() else label for label in args.class_labels]
         images = pipe(
             labels,

@@ -5,12 +5,13 @@ import os
 from collections.abc import Callable
 
 import torch
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
-from .scheduling_jit_flow_match import JiTFlowMatchScheduler
+from .scheduling_jit_flow_match import JiTFlowMatchScheduler, in_guidance_interval
 from .transformer_jit import JiTTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -21,6 +22,13 @@ OUTPUT_TYPES = ("pil", "np", "pt")
 #       attention logits q k^T and softmax in fp32 with autocast off, attention weights @ v in bf16.
 #   "bf16_sdpa": fp32 weights under bf16 autocast with attention through SDPA in bf16 (flash attention on GPU).
 PRECISIONS = ("model", "official", "bf16_sdpa")
+# diffusers' flow-matching schedulers the pipeline drives (sigma = 1 - JiT time), with the model outputs each takes.
+DIFFUSERS_SCHEDULERS = {
+    FlowMatchEulerDiscreteScheduler: ("flow_prediction",),
+    DPMSolverMultistepScheduler: ("flow_prediction", "sample"),
+    UniPCMultistepScheduler: ("flow_prediction",),
+}
+SCHEDULER_CLASSES = {cls.__name__: cls for cls in (JiTFlowMatchScheduler, *DIFFUSERS_SCHEDULERS)}
 PIPELINE_FILES = ["model_index.json", "transformer/*.json", "transformer/*.safetensors", "scheduler/*.json"]
 
 
@@ -31,7 +39,10 @@ class PixelREPAPipeline(DiffusionPipeline):
 
     Args:
         transformer: the x-predicting JiT denoiser.
-        scheduler: the ODE solver.
+        scheduler: the ODE solver: a `JiTFlowMatchScheduler`, or one of diffusers' flow-matching schedulers
+            (`FlowMatchEulerDiscreteScheduler`; `DPMSolverMultistepScheduler` or `UniPCMultistepScheduler` with
+            `use_flow_sigmas=True`), made with `X.from_config(pipe.scheduler.config, ...)` so that it keeps the
+            model's noise_scale and t_eps.
         id2label: class index to name; names may then be used as class labels.
         guidance_scale: default classifier-free guidance scale (1.0 disables guidance).
         guidance_interval: default (min, max) JiT-time interval where guidance applies.
@@ -43,7 +54,8 @@ class PixelREPAPipeline(DiffusionPipeline):
     def __init__(
         self,
         transformer: JiTTransformer2DModel,
-        scheduler: JiTFlowMatchScheduler,
+        scheduler: JiTFlowMatchScheduler | FlowMatchEulerDiscreteScheduler | DPMSolverMultistepScheduler
+        | UniPCMultistepScheduler,
         id2label: dict | None = None,
         guidance_scale: float = 1.0,
         guidance_interval: tuple | list = (0.1, 1.0),
@@ -83,9 +95,12 @@ class PixelREPAPipeline(DiffusionPipeline):
                 local_files_only=local_files_only,
             )
         config = cls.load_config(folder)
+        scheduler_class = config["scheduler"][1]
+        if scheduler_class not in SCHEDULER_CLASSES:
+            raise TypeError(f"{folder} has a {scheduler_class} scheduler; expected one of {sorted(SCHEDULER_CLASSES)}.")
         pipeline = cls(
             transformer=JiTTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch_dtype),
-            scheduler=JiTFlowMatchScheduler.from_pretrained(folder, subfolder="scheduler"),
+            scheduler=SCHEDULER_CLASSES[scheduler_class].from_pretrained(folder, subfolder="scheduler"),
             id2label=config["id2label"],
             guidance_scale=config["guidance_scale"],
             guidance_interval=config["guidance_interval"],
@@ -145,7 +160,7 @@ class PixelREPAPipeline(DiffusionPipeline):
         """
         Args:
             class_labels: class indices or names, one image each.
-            num_inference_steps: ODE steps over linspace(0, 1, steps + 1).
+            num_inference_steps: ODE steps over the scheduler's time grid (uniform by default).
             guidance_scale: CFG scale; defaults to the pipeline's registered value.
             guidance_interval: (min, max) JiT-time interval for CFG; defaults to the registered value.
             generator: torch generator(s) for the initial noise, one per image if a list.
@@ -178,11 +193,13 @@ class PixelREPAPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
-        latents = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
+        noise_scale, t_eps = self.flow_settings()
+        latents = latents.to(device=device, dtype=torch.float32) * noise_scale
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+        timesteps = self.evaluation_times(num_inference_steps, device,
+                                          None if guidance_scale == 1.0 else guidance_interval)
         guided_steps = self.guided_steps(timesteps, guidance_scale, guidance_interval)
+        jit_scheduler = isinstance(self.scheduler, JiTFlowMatchScheduler)
         class_labels = torch.tensor(labels, device=device)
         null_labels = torch.full_like(class_labels, config.num_classes)
         model_dtype = self.transformer.dtype
@@ -201,7 +218,10 @@ class PixelREPAPipeline(DiffusionPipeline):
                 if guided_steps[i]:
                     x_cond, x_uncond = x_pred.chunk(2)
                     x_pred = x_uncond + guidance_scale * (x_cond - x_uncond)
-                latents = self.scheduler.step(x_pred, t, latents).prev_sample
+                if jit_scheduler:
+                    latents = self.scheduler.step(x_pred, t, latents).prev_sample
+                else:
+                    latents = self.diffusers_step(x_pred, i, latents, t_eps)
 
                 if callback_on_step_end is not None:
                     step_tensors = {"latents": latents}
@@ -216,14 +236,59 @@ class PixelREPAPipeline(DiffusionPipeline):
             return (images,)
         return ImagePipelineOutput(images=images)
 
+    def flow_settings(self) -> tuple[float, float]:
+        """
+        (noise_scale, t_eps) of the model: the JiT scheduler's, which a diffusers scheduler made with
+        `X.from_config(pipe.scheduler.config, ...)` carries in its config.
+        """
+        defaults = JiTFlowMatchScheduler().config
+        return (self.scheduler.config.get("noise_scale", defaults.noise_scale),
+                self.scheduler.config.get("t_eps", defaults.t_eps))
+
+    def evaluation_times(self, num_inference_steps: int, device, guidance_interval) -> torch.Tensor:
+        """Sets the scheduler's timesteps; returns the JiT times of the model evaluations (t = 1 - sigma)."""
+        if isinstance(self.scheduler, JiTFlowMatchScheduler):
+            self.scheduler.set_timesteps(num_inference_steps, device=device, guidance_interval=guidance_interval)
+            return self.scheduler.timesteps
+        check_diffusers_scheduler(self.scheduler)
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+            raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}.")
+        if not 1 <= num_inference_steps <= num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}] for "
+                             f"{type(self.scheduler).__name__} (its num_train_timesteps), got {num_inference_steps}.")
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        sigmas = self.scheduler.sigmas[: len(self.scheduler.timesteps)]
+        return (1 - sigmas).to(device=device, dtype=torch.float32)
+
+    def diffusers_step(self, x_pred: torch.Tensor, index: int, latents: torch.Tensor, t_eps: float) -> torch.Tensor:
+        """One step of a diffusers scheduler, fed the x-prediction or the official clamped velocity in sigma."""
+        if getattr(self.scheduler.config, "prediction_type", "flow_prediction") == "sample":
+            model_output = x_pred
+        else:  # dz/dsigma = -dz/dt = (z - x_pred) / max(sigma, t_eps)
+            sigma = self.scheduler.sigmas[index].to(device=latents.device, dtype=torch.float32)
+            model_output = (latents - x_pred) / sigma.clamp_min(t_eps)
+        return self.scheduler.step(model_output, self.scheduler.timesteps[index], latents).prev_sample.float()
+
     @staticmethod
     def guided_steps(timesteps: torch.Tensor, guidance_scale: float, guidance_interval) -> list[bool]:
         """Which evaluations use CFG: guidance_scale != 1 and t in (min, max), min inclusive when it is 0."""
         if guidance_scale == 1.0:
             return [False] * len(timesteps)
-        low, high = guidance_interval
-        times = timesteps.detach().to("cpu", torch.float32)
-        return ((times < high) & ((times > low) | (low == 0))).tolist()
+        return in_guidance_interval(timesteps.detach().to("cpu", torch.float32), guidance_interval).tolist()
+
+
+def check_diffusers_scheduler(scheduler) -> None:
+    """TypeError for a scheduler the pipeline cannot drive; ValueError for a supported one configured otherwise."""
+    if type(scheduler) not in DIFFUSERS_SCHEDULERS:
+        raise TypeError(f"scheduler must be one of {sorted(SCHEDULER_CLASSES)}, got {type(scheduler).__name__}.")
+    name = type(scheduler).__name__
+    if name != "FlowMatchEulerDiscreteScheduler":
+        if not scheduler.config.use_flow_sigmas:
+            raise ValueError(f"{name} needs use_flow_sigmas=True to integrate the flow ODE.")
+        if scheduler.config.prediction_type not in DIFFUSERS_SCHEDULERS[type(scheduler)]:
+            raise ValueError(f"{name} needs prediction_type in {DIFFUSERS_SCHEDULERS[type(scheduler)]}, got "
+                             f"{scheduler.config.prediction_type!r}.")
 
 
 def check_guidance_interval(guidance_interval) -> None:

@@ -1,5 +1,6 @@
 """Flow-matching ODE sampler in JiT time (t = 0 noise, t = 1 clean) for x-predicting models."""
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,42 @@ def velocity_from_x_prediction(x_pred: torch.Tensor, sample: torch.Tensor, t: to
     return (x_pred - sample) / (1 - t).clamp_min(t_eps)
 
 
+def in_guidance_interval(times: torch.Tensor, guidance_interval) -> torch.Tensor:
+    """Where classifier-free guidance applies: min < t < max, and t >= 0 when min is 0 (the official test)."""
+    low, high = guidance_interval
+    return (times < high) & ((times > low) | (low == 0))
+
+
+def log_integrating_factor(t: float, t_eps: float) -> float:
+    """
+    rho(t) with d rho / dt = 1 / max(1 - t, t_eps), rho(0) = 0: -log(1 - t) up to 1 - t_eps, linear beyond. In rho the
+    ODE is dz/drho = x_pred - z, so z * exp(rho) changes by the integral of x_pred * exp(rho), clamp included.
+    """
+    if t <= 1 - t_eps:
+        return -math.log1p(-t)
+    return -math.log(t_eps) + (t - (1 - t_eps)) / t_eps
+
+
+def exponential_adams_weights(nodes: list[float], h: float) -> list[float]:
+    """
+    Weights w_j with sum_j w_j x_j = integral over s in [0, h] of exp(s - h) p(s), p the polynomial through
+    (nodes[j], x_j). Computed in float64 from the exact moments I_m = h**m - m * I_(m-1), I_0 = 1 - exp(-h).
+    """
+    moments = [-math.expm1(-h)]
+    for m in range(1, len(nodes)):
+        moments.append(h**m - m * moments[-1])
+    weights = []
+    for j, node in enumerate(nodes):
+        coefficients = [1.0]  # the Lagrange basis polynomial of node j, lowest power first
+        denominator = 1.0
+        for k, other in enumerate(nodes):
+            if k != j:
+                coefficients = [low - other * high for high, low in zip(coefficients + [0.0], [0.0] + coefficients)]
+                denominator *= node - other
+        weights.append(sum(c * moment for c, moment in zip(coefficients, moments)) / denominator)
+    return weights
+
+
 @dataclass
 class JiTFlowMatchSchedulerOutput(BaseOutput):
     """prev_sample: the ODE state at the next evaluation time."""
@@ -22,44 +59,100 @@ class JiTFlowMatchSchedulerOutput(BaseOutput):
 
 class JiTFlowMatchScheduler(SchedulerMixin, ConfigMixin):
     """
-    Euler or Heun integration of dz/dt = v from t = 0 to 1 over `linspace(0, 1, steps + 1)`; Heun uses Euler on the
-    last step, so `steps` Heun steps cost 2 * steps - 1 model evaluations. `step` takes the model's clean-image
-    prediction at `timesteps[i]`; with Heun, consecutive calls alternate predictor and corrector.
+    Integrates dz/dt = v = (x_pred - z) / max(1 - t, t_eps) from t = 0 to 1. `step` takes the model's clean-image
+    prediction at `timesteps[i]`.
+
+    Solvers:
+    - "heun": Heun on each interval and Euler on the last, as the official sampler: `steps` steps cost
+      2 * steps - 1 model evaluations; consecutive calls alternate predictor and corrector.
+    - "euler": one evaluation a step. Outside the clamp it is the exact step for a constant x-prediction (DDIM).
+    - "multistep2", "multistep3": exponential Adams-Bashforth of order 2 and 3 in x-prediction form (DPM-Solver++(2M)
+      and (3M)-style, one evaluation a step). In rho = log of the integrating factor the ODE is dz/drho = x_pred - z,
+      linear in z also where the clamp holds, so the linear part is integrated exactly and x_pred is interpolated
+      through the last evaluations. With less history than its order (the first steps, and the first steps after
+      the guidance switches on or off, where x_pred jumps) a step uses all the history it has: order 1, then 2, ...
+
+    Time grids (the points the ODE steps between; evaluations happen at each step's start):
+    - "uniform": linspace(0, 1, steps + 1), as the official sampler.
+    - "guidance": uniform on each piece of [0, 1] cut at the guidance interval's bounds (passed to `set_timesteps`;
+      without guidance, uniform), so a point lies exactly on each bound; the steps are shared in proportion to the
+      pieces' lengths.
+    - "shifted": 1 - t = shift * s / (1 + (shift - 1) * s) for uniform s = 1 - t; shift > 1 is denser near t = 0.
 
     Args:
-        solver: "heun" or "euler".
+        solver: one of `SOLVERS`.
         t_eps: lower clamp of 1 - t when converting an x-prediction to a velocity.
         noise_scale: standard deviation of the initial noise (`init_noise_sigma`).
+        time_grid: one of `TIME_GRIDS`.
+        shift: the "shifted" grid's shift.
     """
 
+    SOLVERS = ("heun", "euler", "multistep2", "multistep3")
+    TIME_GRIDS = ("uniform", "guidance", "shifted")
+    MULTISTEP_ORDERS = {"multistep2": 2, "multistep3": 3}
     config_name = "scheduler_config.json"
 
     @register_to_config
-    def __init__(self, solver: str = "heun", t_eps: float = 0.05, noise_scale: float = 1.0):
-        if solver not in ("heun", "euler"):
-            raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}.")
+    def __init__(self, solver: str = "heun", t_eps: float = 0.05, noise_scale: float = 1.0, time_grid: str = "uniform",
+                 shift: float = 3.0):
+        if solver not in self.SOLVERS:
+            raise ValueError(f"solver must be one of {self.SOLVERS}, got {solver!r}.")
+        if time_grid not in self.TIME_GRIDS:
+            raise ValueError(f"time_grid must be one of {self.TIME_GRIDS}, got {time_grid!r}.")
         if not t_eps > 0:
             raise ValueError(f"t_eps must be > 0, got {t_eps}.")
         if not noise_scale > 0:
             raise ValueError(f"noise_scale must be > 0, got {noise_scale}.")
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift}.")
         self.init_noise_sigma = noise_scale
         self.num_inference_steps = None
         self.timesteps = None
         self.time_grid = None
         self._step_index = 0
         self._predictor_state = None
+        self._history = []
+        self._restarts = set()
 
     @property
     def order(self) -> int:
         return 2 if self.config.solver == "heun" else 1
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """Sets `timesteps`, the JiT times at which the model is evaluated, in call order."""
+    def make_time_grid(self, num_inference_steps: int, guidance_interval=None) -> torch.Tensor:
+        """The `num_inference_steps + 1` points from 0 to 1 of the configured time grid, in float32."""
+        if self.config.time_grid == "uniform":
+            return torch.linspace(0.0, 1.0, num_inference_steps + 1)
+        if self.config.time_grid == "shifted":
+            shift = self.config.shift
+            s = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)
+            return (1 - shift * s / (1 + (shift - 1) * s)).float()
+        inner_bounds = [] if guidance_interval is None else [bound for bound in guidance_interval if 0 < bound < 1]
+        bounds = [0.0] + inner_bounds + [1.0]
+        if num_inference_steps < len(bounds) - 1:
+            raise ValueError(f'time_grid "guidance" needs num_inference_steps >= {len(bounds) - 1} (one step per piece '
+                             f"of [0, 1] cut at {guidance_interval}), got {num_inference_steps}.")
+        lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+        counts = [1] * len(lengths)
+        for _ in range(num_inference_steps - len(lengths)):  # each further step to the piece with the longest steps
+            widest = max(range(len(lengths)), key=lambda index: lengths[index] / counts[index])
+            counts[widest] += 1
+        pieces = [torch.linspace(start, end, count + 1, dtype=torch.float64)[:-1]
+                  for start, end, count in zip(bounds[:-1], bounds[1:], counts)]
+        return torch.cat(pieces + [torch.ones(1, dtype=torch.float64)]).float()
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None,
+                      guidance_interval: tuple[float, float] | None = None) -> None:
+        """
+        Sets `timesteps`, the JiT times at which the model is evaluated, in call order. `guidance_interval` (None when
+        no guidance is used) places the "guidance" grid's points and the multistep solvers' restarts.
+        """
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
             raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}.")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
-        grid = torch.linspace(0.0, 1.0, num_inference_steps + 1, device=device)
+        minimum = self.MULTISTEP_ORDERS.get(self.config.solver, 1)
+        if num_inference_steps < minimum:
+            raise ValueError(f"num_inference_steps must be >= {minimum} for solver {self.config.solver!r}, got "
+                             f"{num_inference_steps}.")
+        grid = self.make_time_grid(num_inference_steps, guidance_interval).to(device)
         if self.config.solver == "heun":
             heun_times = torch.stack([grid[:-2], grid[1:-1]], dim=1).flatten()
             self.timesteps = torch.cat([heun_times, grid[-2:-1]])
@@ -69,6 +162,11 @@ class JiTFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = num_inference_steps
         self._step_index = 0
         self._predictor_state = None
+        self._history = []
+        self._restarts = set()
+        if guidance_interval is not None:
+            guided = in_guidance_interval(self.timesteps.cpu(), guidance_interval).tolist()
+            self._restarts = {index for index in range(1, len(guided)) if guided[index] != guided[index - 1]}
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """Advances the ODE state given the model's clean-image prediction at the current evaluation time."""
@@ -76,6 +174,16 @@ class JiTFlowMatchScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("Call set_timesteps before step.")
         if self._step_index >= len(self.timesteps):
             raise ValueError(f"All {len(self.timesteps)} steps are done; call set_timesteps to sample again.")
+        if self.config.solver in self.MULTISTEP_ORDERS:
+            prev_sample = self.multistep(model_output, sample)
+        else:
+            prev_sample = self.heun_or_euler(model_output, sample)
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample,)
+        return JiTFlowMatchSchedulerOutput(prev_sample=prev_sample)
+
+    def heun_or_euler(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         t_eps = self.config.t_eps
         heun_evaluations = 2 * (self.num_inference_steps - 1) if self.config.solver == "heun" else 0
         if self._step_index < heun_evaluations:
@@ -84,17 +192,26 @@ class JiTFlowMatchScheduler(SchedulerMixin, ConfigMixin):
             if corrector:
                 start, v_start = self._predictor_state
                 v_end = velocity_from_x_prediction(model_output, sample, t_next, t_eps)
-                prev_sample = start + (t_next - t) * (0.5 * (v_start + v_end))
                 self._predictor_state = None
-            else:
-                v_start = velocity_from_x_prediction(model_output, sample, t, t_eps)
-                prev_sample = sample + (t_next - t) * v_start
-                self._predictor_state = (sample, v_start)
-        else:
-            interval = heun_evaluations // 2 + self._step_index - heun_evaluations
-            t, t_next = self.time_grid[interval], self.time_grid[interval + 1]
-            prev_sample = sample + (t_next - t) * velocity_from_x_prediction(model_output, sample, t, t_eps)
-        self._step_index += 1
-        if not return_dict:
-            return (prev_sample,)
-        return JiTFlowMatchSchedulerOutput(prev_sample=prev_sample)
+                return start + (t_next - t) * (0.5 * (v_start + v_end))
+            v_start = velocity_from_x_prediction(model_output, sample, t, t_eps)
+            self._predictor_state = (sample, v_start)
+            return sample + (t_next - t) * v_start
+        interval = heun_evaluations // 2 + self._step_index - heun_evaluations
+        t, t_next = self.time_grid[interval], self.time_grid[interval + 1]
+        return sample + (t_next - t) * velocity_from_x_prediction(model_output, sample, t, t_eps)
+
+    def multistep(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """z(rho_next) = exp(-h) z + sum_j w_j x_pred_j: exact linear part, x_pred interpolated in rho."""
+        index, t_eps = self._step_index, self.config.t_eps
+        if index in self._restarts:
+            self._history = []
+        rho = log_integrating_factor(self.time_grid[index].item(), t_eps)
+        rho_next = log_integrating_factor(self.time_grid[index + 1].item(), t_eps)
+        self._history = ([(rho, model_output)] + self._history)[: self.MULTISTEP_ORDERS[self.config.solver]]
+        h = rho_next - rho
+        weights = exponential_adams_weights([node - rho for node, _ in self._history], h)
+        prev_sample = math.exp(-h) * sample
+        for weight, (_, x_pred) in zip(weights, self._history):
+            prev_sample = prev_sample + weight * x_pred
+        return prev_sample

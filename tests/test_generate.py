@@ -82,3 +82,18 @@ def test_generate_bad_precision_is_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_solver_and_time_grid_flags_reach_the_scheduler(tmp_path):
+    pipe = PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler(), guidance_scale=2.0)
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert load_cli().main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--class_labels", "1",
+                            "--num_inference_steps", "5", "--solver", "multistep2", "--time_grid", "guidance",
+                            "--output_dir", str(tmp_path / "out")]) == 0
+    pipe.scheduler = JiTFlowMatchScheduler(solver="multistep2", time_grid="guidance")
+    expected = pipe([1], num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="pil").images
+    written = np.asarray(PIL.Image.open(tmp_path / "out" / "0000-1.png"), dtype=np.int16)
+    assert np.abs(written - np.asarray(expected[0], dtype=np.int16)).max() == 0
+    pipe.scheduler = JiTFlowMatchScheduler()
+    heun = pipe([1], num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="pil").images
+    assert np.abs(written - np.asarray(heun[0], dtype=np.int16)).max() > 0

@@ -2,6 +2,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 from conftest import random_tiny_transformer
 from pixelrepa_diffusers import JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline
@@ -120,3 +126,73 @@ def test_compiled_transformer_samples_like_eager(pipe):
     compiled = pipe([1, 7], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert not torch.equal(eager[0], eager[1])
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+DIFFUSERS_SCHEDULERS = {
+    "flow_euler": (FlowMatchEulerDiscreteScheduler, {}),
+    "dpmsolver++_flow": (DPMSolverMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction")),
+    "dpmsolver++_sample": (DPMSolverMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="sample")),
+    "unipc_flow": (UniPCMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction")),
+}
+
+
+@pytest.fixture(scope="module")
+def converged():
+    """Noise and the converged official ODE from it (Heun, 100 steps, guidance 2.5 on (0.1, 1.0))."""
+    pipeline = PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler(), guidance_scale=2.5)
+    pipeline.set_progress_bar_config(disable=True)
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    return noise, pipeline([1, 2], num_inference_steps=100, latents=noise, output_type="pt").images
+
+
+@pytest.mark.parametrize("name", sorted(DIFFUSERS_SCHEDULERS))
+def test_diffusers_schedulers_integrate_the_jit_ode(pipe, converged, name):
+    """From the same noise, each lands near the converged official ODE, guidance interval on."""
+    noise, reference = converged
+    scheduler_class, overrides = DIFFUSERS_SCHEDULERS[name]
+    pipe.scheduler = scheduler_class.from_config(JiTFlowMatchScheduler(noise_scale=2.0).config, **overrides)
+    assert pipe.flow_settings() == (2.0, 0.05)  # carried over by from_config
+    pipe.scheduler = scheduler_class.from_config(JiTFlowMatchScheduler().config, **overrides)
+    images = pipe([1, 2], num_inference_steps=30, latents=noise, output_type="pt").images
+    error = (images - reference).pow(2).mean().sqrt().item()
+    far = (pipe([1, 2], num_inference_steps=30, latents=noise, guidance_scale=1.0, output_type="pt").images
+           - reference).pow(2).mean().sqrt().item()
+    assert error < 0.02 and error < far / 3, (error, far)
+
+
+def test_guidance_interval_is_in_jit_time_for_diffusers_schedulers(pipe):
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    calls = []
+    forward = pipe.transformer.forward
+    pipe.transformer.forward = lambda x, t, y, **kwargs: calls.append((x.shape[0], t[0].item())) or forward(x, t, y,
+                                                                                                          **kwargs)
+    pipe([3], num_inference_steps=10, guidance_interval=(0.5, 1.0), output_type="pt")
+    times = 1 - pipe.scheduler.sigmas[:10]
+    assert [t for _, t in calls] == pytest.approx(times.tolist())
+    assert [batch for batch, _ in calls] == [2 if 0.5 < t < 1.0 else 1 for t in times.tolist()]
+
+
+def test_saved_pipeline_keeps_a_diffusers_scheduler(pipe, tmp_path):
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, use_flow_sigmas=True,
+                                                         prediction_type="flow_prediction")
+    pipe.save_pretrained(tmp_path)
+    loaded = PixelREPAPipeline.from_pretrained(tmp_path)
+    assert isinstance(loaded.scheduler, UniPCMultistepScheduler) and loaded.scheduler.config.use_flow_sigmas
+
+
+@pytest.mark.parametrize("scheduler, error, match", [
+    (lambda: DDIMScheduler(), TypeError, "scheduler must be one of .*'UniPCMultistepScheduler'.*got DDIMScheduler"),
+    (lambda: DPMSolverMultistepScheduler(), ValueError, "needs use_flow_sigmas=True"),
+    (lambda: UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="sample"), ValueError,
+     r"needs prediction_type in \('flow_prediction',\)"),
+])
+def test_unsupported_schedulers_are_refused(pipe, scheduler, error, match):
+    pipe.scheduler = scheduler()
+    with pytest.raises(error, match=match):
+        pipe([1], num_inference_steps=2)
+
+
+def test_steps_a_diffusers_scheduler_cannot_take_are_refused(pipe):
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match=r"num_inference_steps must be in \[1, 1000\] for FlowMatchEulerDiscrete"):
+        pipe([1], num_inference_steps=1001)

@@ -13,7 +13,9 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
 
-from pixelrepa_diffusers import PixelREPAPipeline
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES_PER_CLASS = 20
@@ -60,3 +62,19 @@ def test_quickstart_samples_are_of_the_asked_class(tmp_path):
     print(f"quick start: {wall_time:.0f} s, class rate {class_rate:.3f}, per class {np.round(per_class, 2).tolist()}")
     assert class_rate > 0.8
     assert min(per_class) > 0.5
+
+    # diffusers' flow schedulers and our multistep solver, swapped in, sample the asked digits too.
+    config = pipeline.scheduler.config
+    for scheduler, steps in (
+        (FlowMatchEulerDiscreteScheduler.from_config(config), 50),
+        (DPMSolverMultistepScheduler.from_config(config, use_flow_sigmas=True, prediction_type="flow_prediction"), 25),
+        (DPMSolverMultistepScheduler.from_config(config, use_flow_sigmas=True, prediction_type="sample"), 25),
+        (UniPCMultistepScheduler.from_config(config, use_flow_sigmas=True, prediction_type="flow_prediction"), 25),
+        (JiTFlowMatchScheduler.from_config(config, solver="multistep2", time_grid="guidance"), 25),
+    ):
+        pipeline.scheduler = scheduler
+        images = pipeline(asked.tolist(), num_inference_steps=steps, generator=torch.Generator().manual_seed(1),
+                          output_type="np").images
+        rate = (judge.predict(images.mean(axis=-1).reshape(len(asked), -1)) == asked).mean()
+        print(f"{type(scheduler).__name__}, {steps} steps: class rate {rate:.3f}")
+        assert rate > 0.8, type(scheduler).__name__

@@ -188,3 +188,31 @@ def test_training_cli_against_the_official_code(tmp_path):
     results = run_cli_subprocess("training/benchmark_training.py", *arguments, tmp_path=tmp_path)
     assert results["baseline_kind"] == "official"
     assert results["ours"]["images_per_second"] > 0 and results["baseline"]["images_per_second"] > 0
+
+
+def test_benchmark_solvers_writes_results_and_plot(tmp_path, capsys):
+    from conftest import random_tiny_transformer
+    from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
+
+    PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler(), guidance_scale=2.0).save_pretrained(
+        tmp_path / "pipe")
+    json_path, plot_path = tmp_path / "solvers.json", tmp_path / "solvers.png"
+    code = load_cli("pipelines/benchmark_solvers.py").main([
+        "--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--classes", "1", "2", "--images_per_class", "1",
+        "--solvers", "heun", "multistep2", "flow_euler", "--time_grids", "uniform", "guidance", "--steps", "2", "8",
+        "--reference_steps", "8", "--output_json", str(json_path), "--output_plot", str(plot_path)])
+    assert code == 0
+    summary = json.loads(json_path.read_text())
+    results = {(r["solver"], r["time_grid"], r["steps"]): r for r in summary["results"]}
+    assert set(results) == {(solver, grid, steps) for solver in ("heun", "multistep2") for grid in ("uniform", "guidance")
+                            for steps in (2, 8)} | {("flow_euler", "own", 2), ("flow_euler", "own", 8),
+                                                    ("heun", "uniform", 50)}
+    assert results[("heun", "uniform", 8)]["error"] == 0  # the reference itself: same noise, same solver
+    assert results[("heun", "uniform", 50)]["evaluations"] == 99 and results[("multistep2", "guidance", 8)][
+        "evaluations"] == 8
+    assert summary["heun_50"] == results[("heun", "uniform", 50)]
+    best = summary["fewest_evaluations_matching_heun_50"]
+    assert best["error"] <= summary["heun_50"]["error"]
+    assert all(r["evaluations"] >= best["evaluations"] for r in summary["results"] if r["error"] <= best["error"])
+    assert plot_path.stat().st_size > 10_000
+    assert f"Fewest evaluations at that error: {best['evaluations']}" in capsys.readouterr().out

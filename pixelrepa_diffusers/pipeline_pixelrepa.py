@@ -196,10 +196,10 @@ class PixelREPAPipeline(DiffusionPipeline):
         noise_scale, t_eps = self.flow_settings()
         latents = latents.to(device=device, dtype=torch.float32) * noise_scale
 
-        timesteps = self.evaluation_times(num_inference_steps, device,
+        jit_scheduler = uses_jit_scheduler(self.scheduler)
+        timesteps = self.evaluation_times(num_inference_steps, device, jit_scheduler,
                                           None if guidance_scale == 1.0 else guidance_interval)
         guided_steps = self.guided_steps(timesteps, guidance_scale, guidance_interval)
-        jit_scheduler = isinstance(self.scheduler, JiTFlowMatchScheduler)
         class_labels = torch.tensor(labels, device=device)
         null_labels = torch.full_like(class_labels, config.num_classes)
         model_dtype = self.transformer.dtype
@@ -245,12 +245,11 @@ class PixelREPAPipeline(DiffusionPipeline):
         return (self.scheduler.config.get("noise_scale", defaults.noise_scale),
                 self.scheduler.config.get("t_eps", defaults.t_eps))
 
-    def evaluation_times(self, num_inference_steps: int, device, guidance_interval) -> torch.Tensor:
+    def evaluation_times(self, num_inference_steps: int, device, jit_scheduler: bool, guidance_interval) -> torch.Tensor:
         """Sets the scheduler's timesteps; returns the JiT times of the model evaluations (t = 1 - sigma)."""
-        if isinstance(self.scheduler, JiTFlowMatchScheduler):
+        if jit_scheduler:
             self.scheduler.set_timesteps(num_inference_steps, device=device, guidance_interval=guidance_interval)
             return self.scheduler.timesteps
-        check_diffusers_scheduler(self.scheduler)
         num_train_timesteps = self.scheduler.config.num_train_timesteps
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
             raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}.")
@@ -278,17 +277,23 @@ class PixelREPAPipeline(DiffusionPipeline):
         return in_guidance_interval(timesteps.detach().to("cpu", torch.float32), guidance_interval).tolist()
 
 
-def check_diffusers_scheduler(scheduler) -> None:
-    """TypeError for a scheduler the pipeline cannot drive; ValueError for a supported one configured otherwise."""
-    if type(scheduler) not in DIFFUSERS_SCHEDULERS:
-        raise TypeError(f"scheduler must be one of {sorted(SCHEDULER_CLASSES)}, got {type(scheduler).__name__}.")
+def uses_jit_scheduler(scheduler) -> bool:
+    """
+    True for a JiTFlowMatchScheduler (by name: remote code loads its own copy of the class), False for a supported
+    diffusers scheduler; TypeError for any other, ValueError for a supported one configured otherwise.
+    """
     name = type(scheduler).__name__
+    if name == JiTFlowMatchScheduler.__name__:
+        return True
+    if type(scheduler) not in DIFFUSERS_SCHEDULERS:
+        raise TypeError(f"scheduler must be one of {sorted(SCHEDULER_CLASSES)}, got {name}.")
     if name != "FlowMatchEulerDiscreteScheduler":
         if not scheduler.config.use_flow_sigmas:
             raise ValueError(f"{name} needs use_flow_sigmas=True to integrate the flow ODE.")
         if scheduler.config.prediction_type not in DIFFUSERS_SCHEDULERS[type(scheduler)]:
             raise ValueError(f"{name} needs prediction_type in {DIFFUSERS_SCHEDULERS[type(scheduler)]}, got "
                              f"{scheduler.config.prediction_type!r}.")
+    return False
 
 
 def check_guidance_interval(guidance_interval) -> None:

@@ -3,6 +3,7 @@
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionMixin
 from diffusers.models.modeling_utils import ModelMixin
 
 from .transformer_jit import (
@@ -29,7 +30,7 @@ class ProjectionHead(nn.Module):
         return self.linear_2(self.act(self.norm(self.linear_1(x))))
 
 
-class MaskedTransformerAdapter(ModelMixin, ConfigMixin):
+class MaskedTransformerAdapter(ModelMixin, ConfigMixin, AttentionMixin):
     """
     Two JiT blocks with their own in-context class tokens and t/label embeddings, applied to the (partly masked)
     tokens of the JiT encoder half and aligned to a frozen encoder's patch features. The projection head exists only
@@ -38,6 +39,7 @@ class MaskedTransformerAdapter(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    _repeated_blocks = ["JiTBlock"]
 
     @register_to_config
     def __init__(

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .transformer_jit import JiTFP32LogitsAttnProcessor
+
 OFFICIAL_FILES = ("model_pixelREPA.py", "denoiser_pixelREPA.py", "util/model_util.py", "util/misc.py")
 
 
@@ -160,8 +162,7 @@ def randomize_parameters_(module: nn.Module, seed: int) -> None:
 def materialize_attention(model: nn.Module) -> None:
     """Sets every attention of `model` (a JiT backbone or adapter) to the official attention, which materialises
     the fp32 matrix."""
-    for block in model.blocks:
-        block.attn.fp32_logits = True
+    model.set_attn_processor(JiTFP32LogitsAttnProcessor())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,15 +12,16 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
 from .scheduling_jit_flow_match import JiTFlowMatchScheduler, in_guidance_interval
-from .transformer_jit import JiTTransformer2DModel
+from .transformer_jit import JiTAttnProcessor, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 # Numerical regimes of the transformer while sampling (the ODE state is fp32 in all of them):
-#   "model": the transformer in its own weight dtype with autocast off, and its own attention setting (SDPA by
-#       default).
+#   "model": the transformer in its own weight dtype with autocast off, and its own attention processors
+#       (JiTAttnProcessor through diffusers' attention dispatch, torch SDPA, by default).
 #   "official": what the JiT and PixelREPA papers sample and evaluate with: fp32 weights under bf16 autocast,
 #       attention logits q k^T and softmax in fp32 with autocast off, attention weights @ v in bf16.
-#   "bf16_sdpa": fp32 weights under bf16 autocast with attention through SDPA in bf16 (flash attention on GPU).
+#   "bf16_sdpa": fp32 weights under bf16 autocast with attention through diffusers' dispatch in bf16 (SDPA, flash
+#       attention on GPU, or the backend chosen with `transformer.set_attention_backend`).
 PRECISIONS = ("model", "official", "bf16_sdpa")
 # diffusers' flow-matching schedulers the pipeline drives (sigma = 1 - JiT time), with the model outputs each takes.
 DIFFUSERS_SCHEDULERS = {
@@ -315,13 +316,21 @@ def check_precision(precision: str, transformer_dtype: torch.dtype) -> None:
 
 @contextlib.contextmanager
 def precision_context(transformer: JiTTransformer2DModel, precision: str, device: torch.device):
-    """Runs the transformer calls inside the block in the regime `precision` (see PRECISIONS) on `device`."""
+    """
+    Runs the transformer calls inside the block in the regime `precision` (see PRECISIONS) on `device`; "official"
+    swaps in `JiTFP32LogitsAttnProcessor` and "bf16_sdpa" `JiTAttnProcessor` where another is set, for the block only.
+    """
     check_precision(precision, transformer.dtype)
-    fp32_logits = transformer.attention_fp32_logits
-    if precision != "model":
-        transformer.set_attention_fp32_logits(precision == "official")
+    processors = transformer.attn_processors
+    if precision == "official":
+        transformer.set_attn_processor(JiTFP32LogitsAttnProcessor())
+    elif precision == "bf16_sdpa":
+        transformer.set_attn_processor({
+            name: processor if isinstance(processor, JiTAttnProcessor) else JiTAttnProcessor()
+            for name, processor in processors.items()
+        })
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision != "model"):
             yield
     finally:
-        transformer.set_attention_fp32_logits(fp32_logits)
+        transformer.set_attn_processor(dict(processors))

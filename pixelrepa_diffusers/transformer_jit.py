@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
@@ -108,41 +110,72 @@ class TimestepEmbedder(nn.Module):
         return self.linear_2(F.silu(self.linear_1(features.to(self.linear_1.weight.dtype))))
 
 
-class JiTAttention(nn.Module):
+class JiTAttnProcessor:
     """
-    Multi-head self-attention with qk RMSNorm and 2D RoPE.
+    JiT attention through diffusers' `dispatch_attention_fn`: the backend set by `set_attention_backend`, else
+    diffusers' active one (torch SDPA, "native", unless `DIFFUSERS_ATTN_BACKEND` says otherwise), in the compute dtype.
+    """
 
-    By default through SDPA in the compute dtype. With `fp32_logits`, as the official code: q k^T and the softmax in
-    fp32 with autocast off, then the weights times v in the compute dtype (bf16 under bf16 autocast).
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn: "JiTAttention", hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        batch, length, width = hidden_states.shape
+        query, key, value = attn.to_qkv(hidden_states).view(batch, length, 3, attn.heads, -1).unbind(2)
+        query = apply_rotary(attn.norm_q(query), cos[:, None], sin[:, None])
+        key = apply_rotary(attn.norm_k(key), cos[:, None], sin[:, None])
+        hidden_states = dispatch_attention_fn(
+            query.to(value.dtype),
+            key.to(value.dtype),
+            value,
+            dropout_p=attn.attention_dropout if attn.training else 0.0,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        hidden_states = hidden_states.flatten(2, 3).to(value.dtype)
+        return attn.dropout(attn.to_out(hidden_states))
+
+
+class JiTFP32LogitsAttnProcessor:
     """
+    The official JiT attention: q k^T and the softmax in fp32 with autocast off, then the weights times v in the
+    compute dtype (bf16 under bf16 autocast). Materialises the attention matrix; no diffusers backend applies.
+    """
+
+    def __call__(self, attn: "JiTAttention", hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        batch, length, width = hidden_states.shape
+        query, key, value = attn.to_qkv(hidden_states).view(batch, length, 3, attn.heads, -1).permute(2, 0, 3, 1, 4)
+        query = apply_rotary(attn.norm_q(query), cos, sin)
+        key = apply_rotary(attn.norm_k(key), cos, sin)
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            weights = query.float() @ key.float().transpose(-2, -1) * (1 / math.sqrt(query.shape[-1]))
+            weights = F.dropout(weights.softmax(dim=-1), attn.attention_dropout if attn.training else 0.0)
+        hidden_states = (weights.to(value.dtype) @ value).transpose(1, 2).reshape(batch, length, width)
+        return attn.dropout(attn.to_out(hidden_states))
+
+
+class JiTAttention(nn.Module, AttentionModuleMixin):
+    """Multi-head self-attention with qk RMSNorm and 2D RoPE; the processor computes it (`JiTAttnProcessor` by
+    default)."""
+
+    _default_processor_cls = JiTAttnProcessor
+    _available_processors = [JiTAttnProcessor, JiTFP32LogitsAttnProcessor]
+    _supports_qkv_fusion = False
 
     def __init__(self, hidden_size: int, num_heads: int, attention_dropout: float, dropout: float):
         super().__init__()
-        self.num_heads = num_heads
+        self.heads = num_heads
         self.attention_dropout = attention_dropout
-        self.fp32_logits = False
         head_dim = hidden_size // num_heads
         self.to_qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.norm_q = RMSNorm(head_dim, eps=1e-6)
         self.norm_k = RMSNorm(head_dim, eps=1e-6)
         self.to_out = nn.Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
+        self.set_processor(self._default_processor_cls())
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        batch, length, width = x.shape
-        q, k, v = self.to_qkv(x).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q = apply_rotary(self.norm_q(q), cos, sin)
-        k = apply_rotary(self.norm_k(k), cos, sin)
-        dropout_p = self.attention_dropout if self.training else 0.0
-        if self.fp32_logits:
-            with torch.autocast(x.device.type, enabled=False):
-                weights = q.float() @ k.float().transpose(-2, -1) * (1 / math.sqrt(q.shape[-1]))
-                weights = F.dropout(weights.softmax(dim=-1), dropout_p)
-            x = weights.to(v.dtype) @ v
-        else:
-            x = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, dropout_p=dropout_p)
-        x = x.transpose(1, 2).reshape(batch, length, width)
-        return self.dropout(self.to_out(x))
+    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.processor(self, hidden_states, cos, sin)
 
 
 def swiglu_inner_dim(hidden_size: int, mlp_ratio: float) -> int:
@@ -211,7 +244,7 @@ def init_jit_weights(module: nn.Module) -> None:
         nn.init.zeros_(block.adaln_modulation.bias)
 
 
-class JiTTransformer2DModel(ModelMixin, ConfigMixin):
+class JiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin):
     """
     JiT denoiser: predicts the clean image from a noisy one.
 
@@ -223,6 +256,7 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["JiTBlock"]
+    _repeated_blocks = ["JiTBlock"]
 
     @register_to_config
     def __init__(
@@ -298,17 +332,6 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
         nn.init.normal_(self.mask_token, std=0.02)
-
-    @property
-    def attention_fp32_logits(self) -> bool:
-        """Whether attention computes q k^T and the softmax in fp32 with autocast off (the official attention)."""
-        return self.blocks[0].attn.fp32_logits
-
-    def set_attention_fp32_logits(self, enabled: bool) -> None:
-        """Official attention (q k^T and softmax in fp32 with autocast off, weights @ v in the compute dtype) if
-        enabled, else SDPA in the compute dtype."""
-        for block in self.blocks:
-            block.attn.fp32_logits = enabled
 
     def embed_conditions(self, timestep: torch.Tensor, class_labels: torch.Tensor):
         """The adaLN condition (timestep + label embedding) and the label embedding alone."""

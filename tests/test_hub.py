@@ -199,8 +199,8 @@ def test_remote_code_files_are_the_package_source(pipeline_dir):
     assert changed == [
         ("from .scheduling_jit_flow_match import JiTFlowMatchScheduler, in_guidance_interval",
          "from .scheduler.scheduling_jit_flow_match import JiTFlowMatchScheduler, in_guidance_interval"),
-        ("from .transformer_jit import JiTTransformer2DModel",
-         "from .transformer.transformer_jit import JiTTransformer2DModel"),
+        ("from .transformer_jit import JiTAttnProcessor, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel",
+         "from .transformer.transformer_jit import JiTAttnProcessor, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel"),
     ]
     assert not any("pixelrepa_diffusers" in content.decode() for content in files.values())
 

@@ -9,7 +9,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import TINY_CONFIG
 from official_fixtures import load_fixture, official_state, relative_error, small_transformer_config
-from pixelrepa_diffusers import PRECISIONS, JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline
+from pixelrepa_diffusers import (
+    PRECISIONS, JiTAttnProcessor, JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline,
+)
 from pixelrepa_diffusers.conversion import rename_official_keys
 from pixelrepa_diffusers.pipeline_pixelrepa import precision_context
 
@@ -66,7 +68,8 @@ def sample_recording(precision):
         pipe([1, 2], num_inference_steps=2, generator=torch.manual_seed(0), output_type="pt", precision=precision,
              callback_on_step_end=keep_state)
     hook.remove()
-    assert not transformer.attention_fp32_logits  # the call leaves the transformer's own setting
+    # The call leaves the transformer's own processors.
+    assert {type(processor) for processor in transformer.attn_processors.values()} == {JiTAttnProcessor}
     return recorder.seen, states, set(calls), len(calls)
 
 

@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIG, random_tiny_transformer
-from pixelrepa_diffusers import JIT_PRESETS, JiTTransformer2DModel, MaskedTransformerAdapter
+from pixelrepa_diffusers import (
+    JIT_PRESETS, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel, MaskedTransformerAdapter,
+)
 
 
 @pytest.mark.parametrize("name, millions", [("JiT-B/16", 131), ("JiT-L/16", 459), ("JiT-H/16", 953)])
@@ -80,8 +82,8 @@ def test_fp32_logits_attention_agrees_with_sdpa_in_fp32_and_runs_in_bf16():
     x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.7]), torch.tensor([3, 10])
     with torch.no_grad():
         plain = model(x, t, y).sample
-        model.set_attention_fp32_logits(True)
-        assert model.attention_fp32_logits
+        model.set_attn_processor(JiTFP32LogitsAttnProcessor())
+        assert {type(processor) for processor in model.attn_processors.values()} == {JiTFP32LogitsAttnProcessor}
         torch.testing.assert_close(model(x, t, y).sample, plain, rtol=1e-5, atol=1e-6)
         model.to(torch.bfloat16)
         bf16 = model(x.bfloat16(), t, y).sample

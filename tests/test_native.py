@@ -1,0 +1,126 @@
+"""diffusers' model machinery on the JiT transformer and the adapter: attention backends and processors, regional
+compile, layerwise casting and offloading, each against the official-code fixtures (tests/fixtures/official)."""
+
+import importlib.util
+
+import pytest
+import torch
+from diffusers.models.attention_dispatch import attention_backend
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from official_fixtures import load_fixture, official_state, relative_error, small_transformer_config
+from pixelrepa_diffusers import (
+    JiTAttnProcessor, JiTFlowMatchScheduler, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel,
+    MaskedTransformerAdapter, PixelREPAPipeline,
+)
+from pixelrepa_diffusers.conversion import rename_official_keys
+
+# The backends of diffusers' dispatch that run on any CPU (flex runs too, unfused, without compile).
+CPU_BACKENDS = ("native", "_native_math", "_native_flash", "flex")
+
+
+@pytest.fixture(autouse=True)
+def restore_active_backend():
+    """set_attention_backend also sets diffusers' process-wide active backend; each test gets it back as it was."""
+    with attention_backend("native"):
+        yield
+
+
+def official_small():
+    """The official small JiT fixture: our model with its weights, and its inputs and forward output."""
+    tensors, metadata = load_fixture("jit_small.safetensors")
+    model = JiTTransformer2DModel(**small_transformer_config(metadata["config"]))
+    model.load_state_dict(rename_official_keys(official_state(tensors, metadata)))
+    return model.eval(), (tensors["input.x"], tensors["input.t"], tensors["input.y"]), tensors["output.forward"]
+
+
+def official_small_adapter():
+    tensors, metadata = load_fixture("mta_small.safetensors")
+    config = metadata["config"]
+    adapter = MaskedTransformerAdapter(
+        sample_size=config["input_size"], patch_size=config["patch_size"], hidden_size=config["hidden_size"],
+        num_layers=config["depth"], num_attention_heads=config["num_heads"], mlp_ratio=config["mlp_ratio"],
+        num_classes=config["num_classes"], in_context_len=config["in_context_len"], out_channels=config["out_channels"],
+    )
+    adapter.load_state_dict(rename_official_keys(official_state(tensors, metadata)))
+    inputs = (tensors["input.tokens"], tensors["input.t"], tensors["input.y"])
+    return adapter.eval(), inputs, tensors["output.adapter"]
+
+
+class AttentionKernels(TorchDispatchMode):
+    """The names of the attention kernels (SDPA variants, softmax) that reach the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if "attention" in name or "softmax" in name:
+            self.names.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_attention_modules_are_diffusers_attention_with_the_dispatch_processor_by_default():
+    model, _, _ = official_small()
+    adapter, _, _ = official_small_adapter()
+    assert list(model.attn_processors) == [f"blocks.{i}.attn.processor" for i in range(model.config.num_layers)]
+    assert list(adapter.attn_processors) == [f"blocks.{i}.attn.processor" for i in range(adapter.config.num_layers)]
+    for processors in (model.attn_processors, adapter.attn_processors):
+        assert {type(processor) for processor in processors.values()} == {JiTAttnProcessor}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_every_cpu_backend_matches_the_official_forward_and_adapter(backend):
+    model, inputs, expected = official_small()
+    adapter, adapter_inputs, adapter_expected = official_small_adapter()
+    model.set_attention_backend(backend)
+    adapter.set_attention_backend(backend)
+    assert {processor._attention_backend.value for processor in model.attn_processors.values()} == {backend}
+    with torch.no_grad():
+        assert relative_error(model(*inputs).sample, expected) <= 1e-5
+        assert relative_error(adapter(*adapter_inputs), adapter_expected) <= 1e-5
+
+
+def test_set_attention_backend_switches_the_kernel():
+    model, inputs, _ = official_small()
+    kernels = {}
+    for backend in ("native", "_native_math"):
+        model.set_attention_backend(backend)
+        with torch.no_grad(), AttentionKernels() as recorder:
+            model(*inputs)
+        kernels[backend] = recorder.names
+    assert kernels["native"] == {"_scaled_dot_product_flash_attention_for_cpu"}
+    assert kernels["_native_math"] == {"_safe_softmax"}  # SDPA's math path: matmuls and a softmax
+
+
+def test_fp32_logits_processor_is_selectable_and_matches_the_official_forward_in_fp32():
+    model, inputs, expected = official_small()
+    model.set_attn_processor(JiTFP32LogitsAttnProcessor())
+    with torch.no_grad(), AttentionKernels() as recorder:
+        sample = model(*inputs).sample
+    assert recorder.names == {"_softmax"}
+    assert relative_error(sample, expected) <= 1e-5
+
+
+def test_official_precision_keeps_the_backend_set_on_the_transformer():
+    model, _, _ = official_small()
+    model.set_attention_backend("_native_math")
+    pipe = PixelREPAPipeline(model, JiTFlowMatchScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    pipe([1], num_inference_steps=1, output_type="pt", precision="official")
+    processors = model.attn_processors.values()
+    assert {(type(p), p._attention_backend.value) for p in processors} == {(JiTAttnProcessor, "_native_math")}
+
+
+def test_unknown_backend_gets_diffusers_value_error():
+    model, _, _ = official_small()
+    with pytest.raises(ValueError, match=r"`backend='flash_attention'` must be one of the following: "):
+        model.set_attention_backend("flash_attention")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_backend_missing_on_this_machine_gets_diffusers_error():
+    model, _, _ = official_small()
+    with pytest.raises(RuntimeError, match=r"'flash' is not usable .* install `flash-attn>="):
+        model.set_attention_backend("flash")

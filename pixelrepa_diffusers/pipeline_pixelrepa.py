@@ -143,6 +143,43 @@ class PixelREPAPipeline(DiffusionPipeline):
                 raise ValueError(f"class_labels entry {label} is outside [0, {num_classes}).")
         return ids
 
+    def check_inputs(
+        self,
+        class_labels,
+        num_inference_steps,
+        guidance_interval,
+        generator,
+        latents,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+        precision,
+    ) -> None:
+        """
+        Raises on arguments `__call__` cannot sample with, and on an unsupported scheduler. The JiT scheduler checks
+        `num_inference_steps` against its solver itself.
+        """
+        check_precision(precision, self.transformer.dtype)
+        batch_size = len(self.check_class_labels(class_labels))
+        check_guidance_interval(guidance_interval)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        for name in callback_on_step_end_tensor_inputs:
+            if name not in self._callback_tensor_inputs:
+                raise ValueError(f"callback_on_step_end_tensor_inputs entry {name!r} is not in {self._callback_tensor_inputs}.")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"generator is a list of {len(generator)} but {batch_size} images were asked for.")
+        config = self.transformer.config
+        shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
+        if not uses_jit_scheduler(self.scheduler):
+            num_train_timesteps = self.scheduler.config.num_train_timesteps
+            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+                raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}.")
+            if not 1 <= num_inference_steps <= num_train_timesteps:
+                raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}] for "
+                                 f"{type(self.scheduler).__name__} (its num_train_timesteps), got {num_inference_steps}.")
+
     @torch.no_grad()
     def __call__(
         self,
@@ -174,26 +211,17 @@ class PixelREPAPipeline(DiffusionPipeline):
                 autocast), "official" (the papers': fp32 weights, bf16 autocast, fp32 attention logits) or
                 "bf16_sdpa" (bf16 autocast, SDPA attention in bf16). The last two need fp32 weights.
         """
-        check_precision(precision, self.transformer.dtype)
-        labels = self.check_class_labels(class_labels)
         guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         guidance_interval = tuple(self.config.guidance_interval if guidance_interval is None else guidance_interval)
-        check_guidance_interval(guidance_interval)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        for name in callback_on_step_end_tensor_inputs:
-            if name not in self._callback_tensor_inputs:
-                raise ValueError(f"callback_on_step_end_tensor_inputs entry {name!r} is not in {self._callback_tensor_inputs}.")
+        self.check_inputs(class_labels, num_inference_steps, guidance_interval, generator, latents, output_type,
+                          callback_on_step_end_tensor_inputs, precision)
+        labels = self.check_class_labels(class_labels)
         batch_size = len(labels)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"generator is a list of {len(generator)} but {batch_size} images were asked for.")
         config = self.transformer.config
         shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
         device = self._execution_device
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
         noise_scale, t_eps = self.flow_settings()
         latents = latents.to(device=device, dtype=torch.float32) * noise_scale
 
@@ -251,12 +279,6 @@ class PixelREPAPipeline(DiffusionPipeline):
         if jit_scheduler:
             self.scheduler.set_timesteps(num_inference_steps, device=device, guidance_interval=guidance_interval)
             return self.scheduler.timesteps
-        num_train_timesteps = self.scheduler.config.num_train_timesteps
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
-            raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}.")
-        if not 1 <= num_inference_steps <= num_train_timesteps:
-            raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}] for "
-                             f"{type(self.scheduler).__name__} (its num_train_timesteps), got {num_inference_steps}.")
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         sigmas = self.scheduler.sigmas[: len(self.scheduler.timesteps)]
         return (1 - sigmas).to(device=device, dtype=torch.float32)

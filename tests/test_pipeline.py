@@ -196,3 +196,46 @@ def test_steps_a_diffusers_scheduler_cannot_take_are_refused(pipe):
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     with pytest.raises(ValueError, match=r"num_inference_steps must be in \[1, 1000\] for FlowMatchEulerDiscrete"):
         pipe([1], num_inference_steps=1001)
+
+
+CHECK_INPUTS_DEFAULTS = dict(class_labels=[1], num_inference_steps=2, guidance_interval=(0.1, 1.0), generator=None,
+                             latents=None, output_type="pt", callback_on_step_end_tensor_inputs=["latents"],
+                             precision="model")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(class_labels=[10]), ValueError, "class_labels entry 10"),
+        (dict(class_labels=["unicorn"]), ValueError, "Unknown class name 'unicorn'"),
+        (dict(class_labels=[]), ValueError, "class_labels is empty"),
+        (dict(class_labels=[1.5]), TypeError, "class_labels entries"),
+        (dict(class_labels=torch.ones(1, 2, dtype=torch.long)), TypeError, "class_labels tensor must be 1-D"),
+        (dict(latents=torch.randn(1, 3, 16, 16)), ValueError, r"latents must have shape \(1, 3, 32, 32\)"),
+        (dict(class_labels=[1, 2], generator=[torch.manual_seed(0)]), ValueError, "generator is a list of 1"),
+        (dict(output_type="latent"), ValueError, "output_type must be one of"),
+        (dict(guidance_interval=(0.5, 0.2)), ValueError, "guidance_interval must be"),
+        (dict(callback_on_step_end_tensor_inputs=["x_pred"]), ValueError, "entry 'x_pred' is not in"),
+        (dict(precision="fp16"), ValueError, "precision must be one of"),
+    ],
+)
+def test_check_inputs_refuses_what_call_refuses_with_the_same_message(pipe, kwargs, error, match):
+    arguments = {**CHECK_INPUTS_DEFAULTS, **kwargs}
+    with pytest.raises(error, match=match):
+        pipe.check_inputs(**arguments)
+    with pytest.raises(error, match=match):
+        pipe(**arguments)
+
+
+def test_check_inputs_passes_good_arguments_and_checks_steps_of_diffusers_schedulers(pipe):
+    pipe.check_inputs(**CHECK_INPUTS_DEFAULTS)
+    pipe.check_inputs(**{**CHECK_INPUTS_DEFAULTS, "class_labels": ["seven", 2], "latents": torch.randn(2, 3, 32, 32),
+                         "generator": [torch.manual_seed(0), torch.manual_seed(1)]})
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match=r"num_inference_steps must be in \[1, 1000\]"):
+        pipe.check_inputs(**{**CHECK_INPUTS_DEFAULTS, "num_inference_steps": 0})
+    with pytest.raises(TypeError, match="num_inference_steps must be an int, got float"):
+        pipe.check_inputs(**{**CHECK_INPUTS_DEFAULTS, "num_inference_steps": 2.0})
+    pipe.scheduler = DDIMScheduler()
+    with pytest.raises(TypeError, match="scheduler must be one of"):
+        pipe.check_inputs(**CHECK_INPUTS_DEFAULTS)

@@ -63,7 +63,12 @@ def parse_args(argv=None):
     parser.add_argument("--baseline_dtype", choices=sorted(DTYPES), default=None,
                         help="fp32, or bf16: the baseline in the official regime (bf16 autocast, fp32 attention "
                              "logits); default: --dtype")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our transformer (static shapes)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each block of our transformer (diffusers' compile_repeated_blocks, static "
+                             "shapes)")
+    parser.add_argument("--attention_backend", default=None,
+                        help="diffusers attention backend of our transformer (set_attention_backend), e.g. native, "
+                             "_native_cudnn, flash, _flash_3_hub; default: diffusers' active one (native)")
     parser.add_argument("--compile_mode", default="default",
                         help="torch.compile mode; 'reduce-overhead' adds CUDA graphs")
     parser.add_argument("--reference_repo", default=None,
@@ -191,7 +196,7 @@ def sampling_runs(args, transformer, denoiser, device):
 
     transformer = transformer.to(device=device, dtype=dtype).eval()
     if args.compile:
-        transformer.compile(mode=args.compile_mode, dynamic=False, fullgraph=True)
+        transformer.compile_repeated_blocks(mode=args.compile_mode, dynamic=False, fullgraph=True)
     pipe = pipeline_of(transformer)
 
     def ours():
@@ -233,7 +238,7 @@ def forward_runs(args, transformer, denoiser, device):
 
     transformer = transformer.to(device=device, dtype=dtype).eval()
     if args.compile:
-        transformer.compile(mode=args.compile_mode, dynamic=False, fullgraph=True)
+        transformer.compile_repeated_blocks(mode=args.compile_mode, dynamic=False, fullgraph=True)
 
     @torch.no_grad()
     def ours():
@@ -271,6 +276,11 @@ def run(args) -> dict:
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     transformer, denoiser = build_models(args, device)
+    if args.attention_backend is not None:
+        try:
+            transformer.set_attention_backend(args.attention_backend)
+        except RuntimeError as error:  # diffusers: the backend's package or kernel is missing on this machine
+            raise ValueError(str(error)) from error
     make_runs = forward_runs if args.forward_only else sampling_runs
     runs, resident, outputs = make_runs(args, transformer, denoiser, device)
     for _ in range(args.warmup):
@@ -292,7 +302,7 @@ def run(args) -> dict:
         model=model_name, config_overrides=args.config_overrides, batch_size=args.batch_size,
         num_inference_steps=args.num_inference_steps, model_evaluations=evaluations,
         guidance_scale=args.guidance_scale, guidance_interval=list(args.guidance_interval), dtype=args.dtype,
-        precision=args.precision, compile=args.compile,
+        precision=args.precision, compile=args.compile, attention_backend=args.attention_backend or "native",
         transformer_gflops_per_image=transformer_flops(transformer.config) / 1e9,
         baseline_dtype=baseline_dtype(args),
         max_image_difference=image_difference.max().item(),
@@ -319,7 +329,7 @@ def report(results) -> None:
           f"{machine['date']}, load average {machine['load_average']} before, {results['load_average_after']} after")
     print(f"{results['model']} {results['config_overrides'] or ''} batch {results['batch_size']}, {what}; "
           f"ours {results['dtype']} weights, precision {results['precision']}"
-          f"{' compiled' if results['compile'] else ''}, baseline {results['baseline_kind']} "
+          f"{' compiled' if results['compile'] else ''}, attention {results['attention_backend']}, baseline {results['baseline_kind']} "
           f"{'official regime' if results['baseline_dtype'] == 'bf16' else 'fp32'}")
     for name in ("ours", "baseline"):
         entry = results[name]

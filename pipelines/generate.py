@@ -35,7 +35,8 @@ def parse_args(argv=None):
                              "logits); bf16_sdpa is bf16 autocast with SDPA attention in bf16. The last two need "
                              "--dtype fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (static shapes)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each transformer block (diffusers' compile_repeated_blocks, static shapes)")
     parser.add_argument("--output_dir", default="samples")
     return parser.parse_args(argv)
 
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
         pipe = PixelREPAPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=DTYPES[args.dtype])
         pipe.to(args.device)
         if args.compile:
-            pipe.transformer.compile(dynamic=False, fullgraph=True)
+            pipe.transformer.compile_repeated_blocks(dynamic=False, fullgraph=True)
         overrides = {name: getattr(args, name) for name in ("solver", "time_grid") if getattr(args, name) is not None}
         if overrides:
             pipe.scheduler = JiTFlowMatchScheduler.from_config(pipe.scheduler.config, **overrides)

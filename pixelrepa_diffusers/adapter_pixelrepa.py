@@ -40,6 +40,7 @@ class MaskedTransformerAdapter(ModelMixin, ConfigMixin, AttentionMixin):
 
     _supports_gradient_checkpointing = True
     _repeated_blocks = ["JiTBlock"]
+    _skip_layerwise_casting_patterns = ["timestep_embedder", "class_embedding"]
 
     @register_to_config
     def __init__(

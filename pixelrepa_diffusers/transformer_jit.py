@@ -257,6 +257,9 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin):
     _supports_gradient_checkpointing = True
     _no_split_modules = ["JiTBlock"]
     _repeated_blocks = ["JiTBlock"]
+    # Kept in their own dtype by enable_layerwise_casting, besides diffusers' defaults (patch_embed, the norms): the
+    # t and label embeddings and the final layer to pixels (in fp8 it alone doubles the output error).
+    _skip_layerwise_casting_patterns = ["timestep_embedder", "class_embedding", "final_layer"]
 
     @register_to_config
     def __init__(

@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
+from diffusers.models.attention_dispatch import attention_backend
 
 from conftest import TINY_CONFIG
 from pixelrepa_diffusers.benchmarking import (
@@ -133,6 +134,14 @@ def test_sampling_cli_official_regime_is_the_bf16_baseline_and_close_to_fp32(tmp
     assert 0 < against_fp32["relative_image_difference"] < 0.05
 
 
+def test_sampling_cli_with_an_attention_backend_and_regional_compile_matches_the_baseline(tmp_path):
+    with attention_backend("native"):  # the CLI sets diffusers' process-wide backend; give it back
+        results = run_cli("pipelines/benchmark_sampling.py",
+                          *tiny_sampling_args("--attention_backend", "_native_math", "--compile"), tmp_path=tmp_path)
+    assert results["attention_backend"] == "_native_math" and results["compile"]
+    assert results["relative_difference"] < 1e-5
+
+
 def test_sampling_cli_forward_only(tmp_path):
     results = run_cli("pipelines/benchmark_sampling.py", *tiny_sampling_args("--forward_only"), tmp_path=tmp_path)
     assert results["mode"] == "forward" and results["model_evaluations"] == 1
@@ -165,6 +174,10 @@ def test_training_cli_gradient_checkpointing_without_baseline(tmp_path):
     ("pipelines/benchmark_sampling.py", ["--reference_repo", "/nonexistent"], "holds neither model_pixelREPA.py"),
     ("pipelines/benchmark_sampling.py", ["--precision", "fp16"], "precision must be one of"),
     ("pipelines/benchmark_sampling.py", ["--precision", "official", "--dtype", "bf16"], "--dtype fp32"),
+    ("pipelines/benchmark_sampling.py", ["--attention_backend", "flash-attention"],
+     "`backend='flash-attention'` must be one of the following"),
+    pytest.param("pipelines/benchmark_sampling.py", ["--attention_backend", "xformers"], "'xformers' is not usable",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is here")),
 ])
 def test_bad_input_is_one_line_on_stderr(cli, argument, message, capsys):
     code = load_cli(cli).main([*argument, "--model", "JiT-B/16", "--config_overrides", json.dumps(TINY_CONFIG),

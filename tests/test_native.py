@@ -124,3 +124,86 @@ def test_backend_missing_on_this_machine_gets_diffusers_error():
     model, _, _ = official_small()
     with pytest.raises(RuntimeError, match=r"'flash' is not usable .* install `flash-attn>="):
         model.set_attention_backend("flash")
+
+
+def test_regional_compile_matches_eager_and_the_official_forward_in_fp32():
+    model, inputs, expected = official_small()
+    with torch.no_grad():
+        eager = model(*inputs).sample
+        model.compile_repeated_blocks(dynamic=False, fullgraph=True)
+        compiled = model(*inputs).sample
+    assert model._compiled_call_impl is None and all(block._compiled_call_impl is not None for block in model.blocks)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert relative_error(compiled, expected) <= 1e-5
+
+
+def test_regional_compile_of_the_adapter_with_a_backend_matches_the_official_adapter():
+    adapter, inputs, expected = official_small_adapter()
+    adapter.set_attention_backend("_native_math")
+    adapter.compile_repeated_blocks(dynamic=False, fullgraph=True)
+    with torch.no_grad():
+        assert relative_error(adapter(*inputs), expected) <= 1e-5
+
+
+def test_fp8_layerwise_casting_keeps_the_skipped_layers_and_stays_near_the_official_forward():
+    model, (x, t, y), expected = official_small()
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        bf16 = model(x.bfloat16(), t, y).sample
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16  # the compute dtype, which the pipeline feeds
+    stored = {name: parameter.dtype for name, parameter in model.named_parameters()}
+    assert stored["blocks.0.attn.to_qkv.weight"] == stored["blocks.3.adaln_modulation.weight"] == torch.float8_e4m3fn
+    for name in ("timestep_embedder.linear_1.weight", "class_embedding.weight", "final_layer.linear.weight",
+                 "final_layer.adaln_modulation.weight", "patch_embed.proj_in.weight", "blocks.0.norm1.weight",
+                 "blocks.0.attn.norm_q.weight", "in_context_pos_embed"):
+        assert stored[name] == torch.bfloat16, name
+    with torch.no_grad():
+        cast = model(x.bfloat16(), t, y).sample
+    assert cast.dtype == torch.bfloat16
+    # Measured 0.019 from the fp32 fixture and from bf16 weights (bf16 weights alone: 0.0084); casting the final
+    # layer too would give 0.033.
+    assert relative_error(cast, expected) <= 0.03 and relative_error(cast, bf16) <= 0.03
+
+
+def test_fp8_layerwise_casting_runs_on_the_adapter_and_in_the_pipeline():
+    adapter, (tokens, t, y), expected = official_small_adapter()
+    adapter.to(torch.bfloat16).enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert relative_error(adapter(tokens.bfloat16(), t, y), expected) <= 0.05  # measured 0.040 (bf16 weights alone: 0.0063)
+    model, _, _ = official_small()
+    model.to(torch.bfloat16).enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    pipe = PixelREPAPipeline(model, JiTFlowMatchScheduler(), guidance_scale=2.0)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe([1, 7], num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
+    assert images.dtype == torch.float32 and torch.isfinite(images).all() and images.std() > 0.01
+
+
+def tiny_pipeline():
+    pipe = PixelREPAPipeline(official_small()[0], JiTFlowMatchScheduler(), guidance_scale=2.0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe):
+    return pipe([1, 7], num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
+
+
+def test_model_cpu_offload_samples_like_eager():
+    eager = sample(tiny_pipeline())
+    pipe = tiny_pipeline()
+    pipe.enable_model_cpu_offload(device="cpu")  # the only device here: onload to it
+    assert hasattr(pipe.transformer, "_hf_hook")
+    torch.testing.assert_close(sample(pipe), eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offload_through_disk_samples_like_eager(offload_type, tmp_path):
+    eager = sample(tiny_pipeline())
+    pipe = tiny_pipeline()
+    pipe.enable_group_offload(onload_device=torch.device("cpu"), offload_type=offload_type,
+                              num_blocks_per_group=1 if offload_type == "block_level" else None,
+                              offload_to_disk_path=str(tmp_path))
+    images = sample(pipe)
+    assert list(tmp_path.glob("*.safetensors"))  # the weights went to disk and came back for each group
+    torch.testing.assert_close(images, eager, rtol=0, atol=0)

@@ -10,6 +10,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .scheduling_jit_flow_match import JiTFlowMatchScheduler, in_guidance_interval
 from .transformer_jit import JiTAttnProcessor, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel
@@ -30,7 +31,9 @@ DIFFUSERS_SCHEDULERS = {
     UniPCMultistepScheduler: ("flow_prediction",),
 }
 SCHEDULER_CLASSES = {cls.__name__: cls for cls in (JiTFlowMatchScheduler, *DIFFUSERS_SCHEDULERS)}
-PIPELINE_FILES = ["model_index.json", "transformer/*.json", "transformer/*.safetensors", "scheduler/*.json"]
+# What from_pretrained downloads of a repo besides the transformer's weights (safetensors, else .bin): never code.
+PIPELINE_FILES = ["model_index.json", "transformer/*.json", "scheduler/*.json"]
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 class PixelREPAPipeline(DiffusionPipeline):
@@ -78,29 +81,72 @@ class PixelREPAPipeline(DiffusionPipeline):
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
-        torch_dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | dict[str, torch.dtype] | None = None,
+        variant: str | None = None,
+        use_safetensors: bool | None = None,
+        device_map: str | dict | None = None,
+        low_cpu_mem_usage: bool = True,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
+        force_download: bool = False,
+        proxies: dict[str, str] | None = None,
     ) -> "PixelREPAPipeline":
         """
         Loads a saved pipeline folder or a Hub repo id with this package's classes, online or offline from the HF
-        cache. Repos pushed by `push_pipeline_to_hub` also carry remote code for
+        cache, with the arguments of `DiffusionPipeline.from_pretrained` that apply to a transformer and a scheduler:
+
+        - torch_dtype: the transformer's dtype, or a dict of component name (or "default") to dtype.
+        - variant: load `diffusion_pytorch_model.<variant>.safetensors` (as `save_pretrained(variant=...)` writes).
+        - use_safetensors: None prefers safetensors and falls back to `.bin` (loaded with `weights_only=True`); True
+          requires safetensors; False loads `.bin`.
+        - device_map ("auto", "balanced", a device or a dict) and low_cpu_mem_usage: passed to the transformer's
+          `from_pretrained`, the only model.
+        - revision, cache_dir, token, local_files_only, force_download, proxies: passed to `snapshot_download` for a
+          repo id.
+
+        Repos pushed by `push_pipeline_to_hub` also carry remote code for
         `DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)`; this method neither downloads nor runs it.
         """
-        folder = pretrained_model_name_or_path
-        if not os.path.isdir(folder):
-            folder = snapshot_download(
-                folder, allow_patterns=PIPELINE_FILES, revision=revision, cache_dir=cache_dir, token=token,
-                local_files_only=local_files_only,
-            )
+        folder = str(pretrained_model_name_or_path)
+        if os.path.isdir(folder):
+            files_found = weight_files(folder)
+        else:
+            try:
+                validate_repo_id(folder)
+            except HFValidationError:
+                raise FileNotFoundError(f"No folder {folder} exists, and {folder!r} is not a Hub repo id.") from None
+            download = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+                            force_download=force_download, proxies=proxies)
+            repo_id = folder
+            for suffix in {None: WEIGHT_SUFFIXES, True: (".safetensors",), False: (".bin",)}[use_safetensors]:
+                folder = snapshot_download(repo_id, allow_patterns=PIPELINE_FILES + weight_patterns(variant, suffix),
+                                           ignore_patterns=None if variant else [f"transformer/*.*{suffix}"],
+                                           **download)
+                if weight_files(folder):
+                    break
+            files_found = weight_files(folder)
+            if variant is not None and not files_found:
+                listing = snapshot_download(repo_id, allow_patterns=["transformer/*"], dry_run=True, **download)
+                files_found = sorted(os.path.basename(info.filename) for info in listing
+                                     if info.filename.endswith(WEIGHT_SUFFIXES))
+        if variant is not None and not any(f".{variant}." in name for name in files_found):
+            raise ValueError(f"{pretrained_model_name_or_path} has no {variant!r} variant of the transformer weights "
+                             f"(transformer/diffusion_pytorch_model.{variant}.safetensors); its weight files: "
+                             f"{', '.join(files_found) or 'none'}.")
         config = cls.load_config(folder)
         scheduler_class = config["scheduler"][1]
         if scheduler_class not in SCHEDULER_CLASSES:
             raise TypeError(f"{folder} has a {scheduler_class} scheduler; expected one of {sorted(SCHEDULER_CLASSES)}.")
+        if isinstance(torch_dtype, dict):
+            torch_dtype = torch_dtype.get("transformer", torch_dtype.get("default", torch.float32))
+        transformer = JiTTransformer2DModel.from_pretrained(
+            folder, subfolder="transformer", torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors,
+            device_map=device_map, low_cpu_mem_usage=low_cpu_mem_usage,
+        )
         pipeline = cls(
-            transformer=JiTTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch_dtype),
+            transformer=transformer,
             scheduler=SCHEDULER_CLASSES[scheduler_class].from_pretrained(folder, subfolder="scheduler"),
             id2label=config["id2label"],
             guidance_scale=config["guidance_scale"],
@@ -298,6 +344,16 @@ class PixelREPAPipeline(DiffusionPipeline):
         if guidance_scale == 1.0:
             return [False] * len(timesteps)
         return in_guidance_interval(timesteps.detach().to("cpu", torch.float32), guidance_interval).tolist()
+
+
+def weight_patterns(variant: str | None, suffix: str) -> list[str]:
+    """Hub patterns of the transformer's weight files of `variant` (any variant when None) ending in `suffix`."""
+    return [f"transformer/*.{variant}{suffix}" if variant else f"transformer/*{suffix}"]
+
+
+def weight_files(folder: str) -> list[str]:
+    """The names of the transformer weight files (safetensors or .bin, any variant or shard) in a pipeline folder."""
+    return sorted(name for name in os.listdir(os.path.join(folder, "transformer")) if name.endswith(WEIGHT_SUFFIXES))
 
 
 def uses_jit_scheduler(scheduler) -> bool:

@@ -97,3 +97,10 @@ def test_generate_solver_and_time_grid_flags_reach_the_scheduler(tmp_path):
     pipe.scheduler = JiTFlowMatchScheduler()
     heun = pipe([1], num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="pil").images
     assert np.abs(written - np.asarray(heun[0], dtype=np.int16)).max() > 0
+
+
+def test_generate_path_that_is_neither_folder_nor_repo_id_is_one_line(tmp_path, capsys):
+    code = load_cli().main(["--pretrained_model_name_or_path", "/nonexistent", "--class_labels", "1",
+                            "--output_dir", str(tmp_path / "out")])
+    assert code == 1
+    assert capsys.readouterr().err == "error: No folder /nonexistent exists, and '/nonexistent' is not a Hub repo id.\n"

@@ -54,16 +54,25 @@ KEY_RENAMES = [
 ]
 
 
+# torch.save writes a zip archive; its legacy format, and pickles, start with the PROTO opcode (pickle.PROTO).
+ZIP_MAGIC = b"PK\x03\x04"
+
+
 def load_official_checkpoint(path: str) -> dict:
     """Loads an official PixelREPA or JiT checkpoint without running pickled code; ValueError if it is not one."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint_path {path!r} does not exist.")
+    with open(path, "rb") as file:
+        header = file.read(4)
+    if not header.startswith((ZIP_MAGIC, pickle.PROTO)):
+        raise ValueError(f"{path!r} is not a torch checkpoint: neither the zip archive of torch.save nor a pickle.")
     try:
         with torch.serialization.safe_globals(CHECKPOINT_ALLOWED_GLOBALS):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise ValueError(f"Refusing to load {path!r}: it holds objects outside the allow-list ({first_line})") from None
+        # PyTorch's message, without its advice to retry with weights_only=False, which runs the file's code.
+        reason = " ".join(part.strip() for part in str(error).split("\n\n") if part.strip() and "weights_only" not in part)
+        raise ValueError(f"Refusing to load {path!r}: it holds objects outside the allow-list ({reason})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise ValueError(f"{path!r} is not a readable torch checkpoint (truncated or corrupt): {error}") from None
     required = ("model", "args")

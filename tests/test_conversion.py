@@ -150,16 +150,20 @@ def bad_checkpoints(tmp_path, official_checkpoint):
     MARKER = str(tmp_path / "pwned")
     evil = tmp_path / "evil.pth"
     torch.save({"model": RunsCode(), "args": official_args()}, evil)
-    return {"missing": tmp_path / "nope.pth", "truncated": truncated, "other": other, "evil": evil}
+    readme = tmp_path / "README.md"
+    readme.write_text("# Not a checkpoint\n")
+    return {"missing": tmp_path / "nope.pth", "truncated": truncated, "other": other, "evil": evil, "readme": readme}
 
 
 @pytest.mark.parametrize("kind, message", [("missing", "does not exist"), ("truncated", "truncated or corrupt"),
-                                           ("other", "not an official"), ("evil", "Refusing to load")])
+                                           ("other", "not an official"), ("evil", "Refusing to load"),
+                                           ("readme", "is not a torch checkpoint")])
 def test_cli_refuses_bad_checkpoints(official_checkpoint, tmp_path, kind, message, capsys):
     path = bad_checkpoints(tmp_path, official_checkpoint)[kind]
     code, stderr = run_cli_main(capsys, "--checkpoint_path", path, "--output_dir", tmp_path / "out",
                                 "--in_context_start", 2)
     assert code != 0 and message in stderr and len(stderr.strip().splitlines()) == 1
+    assert "weights_only" not in stderr  # PyTorch's advice to unpickle unsafely is left out
     assert not (tmp_path / "pwned").exists()
     assert not (tmp_path / "out").exists()
 

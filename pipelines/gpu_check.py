@@ -152,8 +152,8 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
 
 
 def table(rows) -> str:
-    lines = ["| run | ours img/s | baseline img/s | MFU (ours / baseline) or deviation | peak memory (ours / baseline) |",
-             "|---|---|---|---|---|"]
+    lines = ["| run | ours img/s | baseline img/s | MFU (ours / baseline) or deviation | peak memory (ours / baseline) "
+             "|", "|---|---|---|---|---|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 

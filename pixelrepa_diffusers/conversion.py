@@ -71,7 +71,8 @@ def load_official_checkpoint(path: str) -> dict:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # PyTorch's message, without its advice to retry with weights_only=False, which runs the file's code.
-        reason = " ".join(part.strip() for part in str(error).split("\n\n") if part.strip() and "weights_only" not in part)
+        parts = [part.strip() for part in str(error).split("\n\n")]
+        reason = " ".join(part for part in parts if part and "weights_only" not in part)
         raise ValueError(f"Refusing to load {path!r}: it holds objects outside the allow-list ({reason})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise ValueError(f"{path!r} is not a readable torch checkpoint (truncated or corrupt): {error}") from None

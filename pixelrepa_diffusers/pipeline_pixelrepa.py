@@ -211,7 +211,8 @@ class PixelREPAPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         for name in callback_on_step_end_tensor_inputs:
             if name not in self._callback_tensor_inputs:
-                raise ValueError(f"callback_on_step_end_tensor_inputs entry {name!r} is not in {self._callback_tensor_inputs}.")
+                raise ValueError(f"callback_on_step_end_tensor_inputs entry {name!r} is not in "
+                                 f"{self._callback_tensor_inputs}.")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"generator is a list of {len(generator)} but {batch_size} images were asked for.")
         config = self.transformer.config
@@ -224,7 +225,8 @@ class PixelREPAPipeline(DiffusionPipeline):
                 raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}.")
             if not 1 <= num_inference_steps <= num_train_timesteps:
                 raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}] for "
-                                 f"{type(self.scheduler).__name__} (its num_train_timesteps), got {num_inference_steps}.")
+                                 f"{type(self.scheduler).__name__} (its num_train_timesteps), got "
+                                 f"{num_inference_steps}.")
 
     @torch.no_grad()
     def __call__(

@@ -170,7 +170,8 @@ def test_fp8_layerwise_casting_runs_on_the_adapter_and_in_the_pipeline():
     adapter, (tokens, t, y), expected = official_small_adapter()
     adapter.to(torch.bfloat16).enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     with torch.no_grad():
-        assert relative_error(adapter(tokens.bfloat16(), t, y), expected) <= 0.05  # measured 0.040 (bf16 weights alone: 0.0063)
+        # Measured 0.040 (bf16 weights alone: 0.0063).
+        assert relative_error(adapter(tokens.bfloat16(), t, y), expected) <= 0.05
     model, _, _ = official_small()
     model.to(torch.bfloat16).enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     pipe = PixelREPAPipeline(model, JiTFlowMatchScheduler(), guidance_scale=2.0)
@@ -207,3 +208,24 @@ def test_group_offload_through_disk_samples_like_eager(offload_type, tmp_path):
     images = sample(pipe)
     assert list(tmp_path.glob("*.safetensors"))  # the weights went to disk and came back for each group
     torch.testing.assert_close(images, eager, rtol=0, atol=0)
+
+
+def test_backend_switched_and_blocks_compiled_match_the_official_forward_in_fp32():
+    model, inputs, expected = official_small()
+    model.set_attention_backend("_native_math")
+    model.compile_repeated_blocks(dynamic=False, fullgraph=True)
+    with torch.no_grad():
+        assert relative_error(model(*inputs).sample, expected) <= 1e-5
+
+
+@pytest.mark.slow
+def test_backend_switched_blocks_compiled_and_layers_cast_stay_near_the_official_forward():
+    cast_model, (x, t, y), expected = official_small()
+    cast_model.set_attention_backend("_native_math")
+    cast_model.to(torch.bfloat16)
+    cast_model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    # diffusers' casting hooks build Parameters in forward, which a full graph cannot hold: compile with breaks.
+    cast_model.compile_repeated_blocks(dynamic=False)
+    with torch.no_grad():
+        cast = cast_model(x.bfloat16(), t, y).sample
+    assert relative_error(cast, expected) <= 0.03  # as eager casting (measured 0.019)

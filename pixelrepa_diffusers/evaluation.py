@@ -453,11 +453,12 @@ def evaluate_pipeline(
     `load_reference`; `dinov2` (load_dinov2) is needed for fd_dinov2.
 
     Image indices are cut into shards of `images_per_shard`, saved as
-    `shard_dir/guidance_<scale>-<settings hash>/shard-<start>-<end>.safetensors` with the feature sets the metrics
+    `shard_dir/guidance_<scale>[_interval_<min>_<max>, if not the pipeline's]-<settings hash>/shard-<start>-<end>.safetensors`
+    with the feature sets the metrics
     need. Shards already there with those sets are reused, so a crashed run resumes where it stopped, with any
     number of processes; process r of an accelerate run generates unfinished shards r, r + world_size, ... and the
     main process merges all shards. One progress bar on the main process counts its images over the whole run.
-    `save_images` also writes each generated image as `<save_images>/guidance_<scale>/<index>.png`.
+    `save_images` also writes each generated image as `<save_images>/<the shard folder's name, less the hash>/<index>.png`.
 
     Returns, on the main process, one dict per setting with its settings, the metrics (`fid`,
     `inception_score_mean`, `inception_score_std`, `improved_precision`, `improved_recall`, `kid_mean`, `kid_std`, `sfid`,
@@ -485,8 +486,8 @@ def evaluate_pipeline(
                 precision=precision,
             )
             name = f"guidance_{settings['guidance_scale']:g}"
-            if len(guidance_intervals) > 1:
-                name += f"_interval_{settings['guidance_interval'][0]:g}"
+            if settings["guidance_interval"] != list(pipeline.config.guidance_interval):
+                name += "_interval_{:g}_{:g}".format(*settings["guidance_interval"])
             digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
             run_dir = os.path.join(shard_dir, f"{name}-{digest}")
             save_dir = None if save_images is None else os.path.join(save_images, name)

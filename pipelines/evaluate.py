@@ -20,6 +20,7 @@ import sys
 
 import torch
 from accelerate import Accelerator
+from transformers import Dinov2Config
 
 from pixelrepa_diffusers import PRECISIONS, JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline
 from pixelrepa_diffusers.evaluation import (
@@ -103,13 +104,12 @@ def evaluate(args):
     transformer_config = JiTTransformer2DModel.load_config(args.pretrained_model_name_or_path, subfolder="transformer")
     # Reject a bad num_images or reference before loading any weights.
     evaluation_class_labels(args.num_images, transformer_config["num_classes"], args.class_balanced, args.seed)
-    load_reference(args.fid_statistics_file, args.metrics, transformer_config["sample_size"])
+    dinov2_dim = Dinov2Config.from_pretrained(args.dinov2_model).hidden_size if "fd_dinov2" in args.metrics else None
+    reference = load_reference(args.fid_statistics_file, args.metrics, transformer_config["sample_size"], dinov2_dim)
     with accelerator.main_process_first():
         inception = load_inception(args.inception_weights, accelerator.device)
         dinov2 = load_dinov2(args.dinov2_model, accelerator.device) if "fd_dinov2" in args.metrics else None
         pipeline = PixelREPAPipeline.from_pretrained(args.pretrained_model_name_or_path)
-    dinov2_dim = None if dinov2 is None else dinov2.model.model.config.hidden_size
-    reference = load_reference(args.fid_statistics_file, args.metrics, transformer_config["sample_size"], dinov2_dim)
     overrides = {name: getattr(args, name) for name in ("solver", "time_grid") if getattr(args, name) is not None}
     if overrides:
         pipeline.scheduler = JiTFlowMatchScheduler.from_config(pipeline.scheduler.config, **overrides)

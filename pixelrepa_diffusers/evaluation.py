@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import urllib.error
+import zipfile
 
 import datasets
 import numpy as np
@@ -115,8 +116,9 @@ def load_reference(path: str, metrics=("fid",), resolution: int | None = None, d
     """The reference arrays that `metrics` need, from our npz (pipelines/compute_reference_stats.py) or an ADM
     reference batch such as VIRTUAL_imagenet256_labeled.npz (arr_0, mu, sigma, mu_s, sigma_s).
 
-    Returns a dict of mu/sigma, features, mu_s/sigma_s and mu_dinov2/sigma_dinov2 as needed, plus `images`
-    (uint8 (N, 3, H, W)) when features must be computed from an ADM batch's arr_0. `resolution`, if given, must
+    Returns a dict of mu/sigma, features, mu_s/sigma_s and mu_dinov2/sigma_dinov2 as needed, plus `images_file`
+    (this path) when features must be computed from an ADM batch's arr_0, which is then loaded only by
+    evaluate_pipeline's main process. `resolution`, if given, must
     match the resolution the reference was built at; `dinov2_dim` is the width of the DINOv2 in use.
     """
     check_metrics(metrics)
@@ -137,21 +139,19 @@ def load_reference(path: str, metrics=("fid",), resolution: int | None = None, d
                 )
         needed = {name for metric in metrics for name in REFERENCE_ARRAYS[metric]}
         reference = {name: archive[name] for name in sorted(needed & files)}
+        built_at = int(archive["resolution"]) if "resolution" in files else None
+    if "arr_0" in files:
+        shape, dtype = npz_array_header(path, "arr_0")
+        if len(shape) != 4 or shape[3] != 3 or dtype != np.uint8:
+            raise ValueError(f"fid_statistics_file {path!r} has arr_0 {shape} {dtype}; expected uint8 (N, H, W, 3) "
+                             "images.")
+        built_at = shape[1]
         if "features" in needed and "features" not in files:
-            reference["images"] = torch.from_numpy(archive["arr_0"]).permute(0, 3, 1, 2)
-        if "resolution" in files:
-            built_at = int(archive["resolution"])
-        elif "arr_0" in files:
-            built_at = archive["arr_0"].shape[1]
-        else:
-            built_at = None
+            reference["images_file"] = path
     if resolution is not None and built_at is not None and built_at != resolution:
         raise ValueError(
             f"fid_statistics_file {path!r} was built at {built_at} px; the pipeline samples at {resolution} px."
         )
-    if "images" in reference and (reference["images"].dtype != torch.uint8 or reference["images"].shape[1] != 3):
-        raise ValueError(f"fid_statistics_file {path!r} has arr_0 {tuple(archive['arr_0'].shape)}; expected uint8 "
-                         "(N, H, W, 3) images.")
     check_shapes(path, reference, "mu", "sigma", FEATURE_DIM, "the Inception-v3 pool features")
     check_shapes(path, reference, "mu_s", "sigma_s", SPATIAL_DIM,
                  "ADM's spatial features (first 7 channels of Inception's mixed_6/conv, 17 x 17)")
@@ -162,6 +162,15 @@ def load_reference(path: str, metrics=("fid",), resolution: int | None = None, d
             "the Inception-v3 pool features (another feature layer?)."
         )
     return reference
+
+
+def npz_array_header(path: str, name: str) -> tuple[tuple, np.dtype]:
+    """Shape and dtype of array `name` of an npz, read from its header without loading the array."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as file:
+        version = np.lib.format.read_magic(file)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(file)
+    return shape, dtype
 
 
 def check_shapes(path, reference, mean, covariance, dim, what) -> None:
@@ -523,8 +532,10 @@ def evaluate_pipeline(
     if not accelerator.is_main_process:
         return None
 
-    if "images" in reference:
-        reference = {**reference, "features": tensor_features(reference["images"], inception, batch_size).numpy()}
+    if "images_file" in reference:
+        with np.load(reference["images_file"]) as archive:
+            images = torch.from_numpy(archive["arr_0"]).permute(0, 3, 1, 2)
+        reference = {**reference, "features": tensor_features(images, inception, batch_size).numpy()}
     results = []
     for run in runs:
         shards = [load_file(path) for path in run["paths"]]

@@ -580,12 +580,13 @@ def test_rerun_regenerates_shards_lacking_a_new_feature_set(metrics_run, metrics
         ("adm_other_resolution", "was built at 64 px; the pipeline samples at 32 px"),
         ("other_layer", "has features (24, 768); expected (N, 2048)"),
         ("spatial_shapes", "has mu_s (2023,) and sigma_s (768, 768); expected (2023,) and (2023, 2023)"),
+        ("dinov2_width", "has mu_dinov2 (32,) and sigma_dinov2 (32, 32); expected (48,) and (48, 48)"),
     ],
 )
 def test_metrics_bad_input_gives_one_line(case, message, metrics_assets, tmp_path, capsys):
     reference = dict(np.load(metrics_assets["stats"]))
     metrics = {"unknown_metric": ["fid", "fd_clip"], "no_features": ["fid", "precision"], "no_spatial": ["sfid"],
-               "other_layer": ["kid"], "spatial_shapes": ["sfid"]}.get(case, ["fid"])
+               "other_layer": ["kid"], "spatial_shapes": ["sfid"], "dinov2_width": ["fd_dinov2"]}.get(case, ["fid"])
     if case == "no_features":
         del reference["features"]
     elif case == "no_spatial":
@@ -600,8 +601,11 @@ def test_metrics_bad_input_gives_one_line(case, message, metrics_assets, tmp_pat
         reference["features"] = reference["features"][:, :768]
     elif case == "spatial_shapes":
         reference["sigma_s"] = np.eye(768)
+    elif case == "dinov2_width":  # statistics of a narrower DINOv2 than --dinov2_model's
+        reference["mu_dinov2"], reference["sigma_dinov2"] = np.zeros(32), np.eye(32)
     stats = bad_stats(tmp_path / "reference.npz", **reference)
-    arguments = [*evaluate_arguments(metrics_assets, tmp_path / "results.json"), "--metrics", *metrics]
+    arguments = [*evaluate_arguments(metrics_assets, tmp_path / "results.json"), "--metrics", *metrics,
+                 "--dinov2_model", metrics_assets["dinov2"]]
     arguments[arguments.index("--fid_statistics_file") + 1] = stats
     assert load_cli("evaluate").main(arguments) == 1
     stderr = capsys.readouterr().err

@@ -117,9 +117,9 @@ def load_reference(path: str, metrics=("fid",), resolution: int | None = None, d
     reference batch such as VIRTUAL_imagenet256_labeled.npz (arr_0, mu, sigma, mu_s, sigma_s).
 
     Returns a dict of mu/sigma, features, mu_s/sigma_s and mu_dinov2/sigma_dinov2 as needed, plus `images_file`
-    (this path) when features must be computed from an ADM batch's arr_0, which is then loaded only by
-    evaluate_pipeline's main process. `resolution`, if given, must
-    match the resolution the reference was built at; `dinov2_dim` is the width of the DINOv2 in use.
+    (this path) when features must be computed from an ADM batch's arr_0, which only evaluate_pipeline's main
+    process then loads. `resolution`, if given, must be the one the reference was built at (its `resolution`
+    array or the size of arr_0); `dinov2_dim` is the width of the DINOv2 in use.
     """
     check_metrics(metrics)
     archive = np.load(path)

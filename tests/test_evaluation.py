@@ -612,3 +612,19 @@ def test_metrics_bad_input_gives_one_line(case, message, metrics_assets, tmp_pat
     assert stderr.count("\n") == 1 and stderr.startswith("error: ") and message in stderr, stderr
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "results.png").exists()
     assert not (tmp_path / "results_shards").exists()
+
+
+def test_reference_features_are_a_seeded_draw_of_the_images(assets, tmp_path):
+    output = tmp_path / "reference.npz"
+    exit_code = load_cli("compute_reference_stats").main([
+        "--image_folder", assets["reference_dir"], "--resolution", "32", "--output", str(output), "--inception_weights",
+        assets["weights"], "--num_workers", "0", "--metrics", "fid", "precision", "--num_features", "3", "--seed", "1",
+    ])
+    assert exit_code == 0
+    reference = np.load(output)
+    assert sorted(reference.files) == ["features", "mu", "resolution", "sigma"]  # no sFID or DINOv2 arrays unasked
+    assert int(reference["resolution"]) == 32
+    features, _ = load_inception(assets["weights"])(read_pngs(assets["reference_dir"]))
+    drawn = torch.randperm(4, generator=torch.Generator().manual_seed(1))[:3].sort().values
+    np.testing.assert_allclose(reference["features"], features[drawn].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(reference["mu"], features.mean(0).numpy(), rtol=1e-5, atol=1e-6)  # all 4 images

@@ -44,9 +44,8 @@ def summary(result: dict, show_interval: bool) -> str:
     parts = [f"FID {result['fid']:.4f}"] if "fid" in result else []
     if "inception_score_mean" in result:
         parts.append(f"IS {result['inception_score_mean']:.2f} ± {result['inception_score_std']:.2f}")
-    parts += [f"{name} {result[key]:.4f}" for name, key in
-              (("precision", "improved_precision"), ("recall", "improved_recall"), ("sFID", "sfid"), ("FD-DINOv2", "fd_dinov2"))
-              if key in result]
+    names = {"improved_precision": "precision", "improved_recall": "recall", "sfid": "sFID", "fd_dinov2": "FD-DINOv2"}
+    parts += [f"{name} {result[key]:.4f}" for key, name in names.items() if key in result]
     if "kid_mean" in result:
         parts.append(f"KID {result['kid_mean']:.5f} ± {result['kid_std']:.5f}")
     return f"guidance_scale {result['guidance_scale']:g}{interval}: " + "  ".join(parts)

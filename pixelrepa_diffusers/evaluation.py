@@ -135,7 +135,8 @@ def load_reference(path: str, metrics=("fid",), resolution: int | None = None, d
             if missing:
                 images = " (or ADM's images arr_0)" if missing == ["features"] else ""
                 raise ValueError(
-                    f"fid_statistics_file {path!r} lacks {missing}{images}, which {metric} needs; it has {sorted(files)}."
+                    f"fid_statistics_file {path!r} lacks {missing}{images}, which {metric} needs; "
+                    f"it has {sorted(files)}."
                 )
         needed = {name for metric in metrics for name in REFERENCE_ARRAYS[metric]}
         reference = {name: archive[name] for name in sorted(needed & files)}
@@ -294,9 +295,6 @@ def compute_metrics(metrics, features: dict, reference: dict, isc_splits=10, kid
         results.update({f"improved_{key}": prc[key] for key in ("precision", "recall") if key in metrics})
     if "kid" in metrics:
         real = torch.from_numpy(np.asarray(reference["features"], dtype=np.float32))
-        smallest = min(len(features["features"]), len(real))
-        if kid_subset_size > smallest:
-            raise ValueError(f"kid_subset_size {kid_subset_size} is more than the {smallest} images of the smaller set.")
         kid = kid_features_to_metric(features["features"], real, kid_subset_size=kid_subset_size, verbose=False)
         results["kid_mean"], results["kid_std"] = kid[KEY_METRIC_KID_MEAN], kid[KEY_METRIC_KID_STD]
     if "sfid" in metrics:
@@ -462,21 +460,27 @@ def evaluate_pipeline(
     `load_reference`; `dinov2` (load_dinov2) is needed for fd_dinov2.
 
     Image indices are cut into shards of `images_per_shard`, saved as
-    `shard_dir/guidance_<scale>[_interval_<min>_<max>, if not the pipeline's]-<settings hash>/shard-<start>-<end>.safetensors`
-    with the feature sets the metrics
+    `shard_dir/<name>-<settings hash>/shard-<start>-<end>.safetensors`, name `guidance_<scale>` (plus
+    `_interval_<min>_<max>` for an interval other than the pipeline's), with the feature sets the metrics
     need. Shards already there with those sets are reused, so a crashed run resumes where it stopped, with any
     number of processes; process r of an accelerate run generates unfinished shards r, r + world_size, ... and the
     main process merges all shards. One progress bar on the main process counts its images over the whole run.
-    `save_images` also writes each generated image as `<save_images>/<the shard folder's name, less the hash>/<index>.png`.
+    `save_images` also writes each generated image as `<save_images>/<name>/<index>.png`.
 
     Returns, on the main process, one dict per setting with its settings, the metrics (`fid`,
-    `inception_score_mean`, `inception_score_std`, `improved_precision`, `improved_recall`, `kid_mean`, `kid_std`, `sfid`,
-    `fd_dinov2`, as asked) and the number of `reused_shards`; None on the other processes.
+    `inception_score_mean`, `inception_score_std`, `improved_precision`, `improved_recall`, `kid_mean`, `kid_std`,
+    `sfid`, `fd_dinov2`, as asked) and the number of `reused_shards`; None on the other processes.
     """
     check_metrics(metrics)
     check_precision(precision, pipeline.transformer.dtype)
     if "fd_dinov2" in metrics and dinov2 is None:
         raise ValueError("metric fd_dinov2 needs a DINOv2 (load_dinov2).")
+    if "kid" in metrics:
+        num_reference = (len(reference["features"]) if "features" in reference
+                         else npz_array_header(reference["images_file"], "arr_0")[0][0])
+        if kid_subset_size > min(num_images, num_reference):
+            raise ValueError(f"kid_subset_size {kid_subset_size} is more than the {num_images} images or the "
+                             f"{num_reference} reference images.")
     labels = evaluation_class_labels(num_images, pipeline.transformer.config.num_classes, class_balanced, seed)
     if num_images < isc_splits:
         raise ValueError(f"num_images must be at least isc_splits ({isc_splits}), got {num_images}.")

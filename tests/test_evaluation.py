@@ -444,7 +444,8 @@ def test_sfid_equals_adm_formulas_on_rederived_spatial_features(metrics_run, met
     first = json.loads(output_json.read_text())["results"][0]
     inception = load_inception(metrics_assets["weights"])
     with torch.no_grad():
-        generated = adm_spatial_features(inception, read_pngs(output_json.parent / "images" / "guidance_1_interval_0_1"))
+        images = read_pngs(output_json.parent / "images" / "guidance_1_interval_0_1")
+        generated = adm_spatial_features(inception, images)
         real = adm_spatial_features(inception, read_pngs(metrics_assets["reference_dir"]))
     assert generated.shape == (10, 2023) and real.shape == (24, 2023)
     reference = np.load(metrics_assets["stats"])
@@ -509,7 +510,7 @@ def test_sweep_plot_shows_the_json_values_and_marks_the_best(metrics_run):
             expected = [[r["guidance_scale"], r[key]] for r in results if r["guidance_interval"][0] == minimum]
             assert described["series"][key][f"interval [{minimum:g}, 1]"] == expected
     best = min(results, key=lambda result: result["fid"])
-    assert described["best"] == {"guidance_scale": best["guidance_scale"], "guidance_interval": best["guidance_interval"]}
+    assert described["best"] == {key: best[key] for key in ("guidance_scale", "guidance_interval")}
 
 
 def write_adm_batch(path, images, reference):
@@ -581,12 +582,14 @@ def test_rerun_regenerates_shards_lacking_a_new_feature_set(metrics_run, metrics
         ("other_layer", "has features (24, 768); expected (N, 2048)"),
         ("spatial_shapes", "has mu_s (2023,) and sigma_s (768, 768); expected (2023,) and (2023, 2023)"),
         ("dinov2_width", "has mu_dinov2 (32,) and sigma_dinov2 (32, 32); expected (48,) and (48, 48)"),
+        ("kid_subset", "kid_subset_size 30 is more than the 20 images or the 24 reference images"),
     ],
 )
 def test_metrics_bad_input_gives_one_line(case, message, metrics_assets, tmp_path, capsys):
     reference = dict(np.load(metrics_assets["stats"]))
     metrics = {"unknown_metric": ["fid", "fd_clip"], "no_features": ["fid", "precision"], "no_spatial": ["sfid"],
-               "other_layer": ["kid"], "spatial_shapes": ["sfid"], "dinov2_width": ["fd_dinov2"]}.get(case, ["fid"])
+               "other_layer": ["kid"], "spatial_shapes": ["sfid"], "dinov2_width": ["fd_dinov2"],
+               "kid_subset": ["kid", "--kid_subset_size", "30"]}.get(case, ["fid"])
     if case == "no_features":
         del reference["features"]
     elif case == "no_spatial":

@@ -1,4 +1,6 @@
-"""FID reference statistics (an npz with Inception-v3 pool-feature `mu` and `sigma`) of an image collection.
+"""Reference arrays of an image collection for pipelines/evaluate.py: an npz with the Inception-v3 pool-feature
+`mu` and `sigma` (FID) and the `resolution`, plus, with --metrics, pool `features` (precision, recall, KID),
+ADM's spatial statistics `mu_s` and `sigma_s` (sFID) and DINOv2 statistics `mu_dinov2` and `sigma_dinov2`.
 
 Images get the ADM center crop used in training, so statistics of ImageNet train at 256 px rebuild the
 official fid_stats/jit_in256_stats.npz:
@@ -6,6 +8,8 @@ official fid_stats/jit_in256_stats.npz:
     python pipelines/compute_reference_stats.py --image_folder /data/imagenet/train --resolution 256 \
         --output fid_stats/in256_stats.npz
     python pipelines/compute_reference_stats.py --dataset_name my/dataset --image_column img --output stats.npz
+    python pipelines/compute_reference_stats.py --image_folder /data/imagenet/train --output in256_reference.npz \
+        --metrics fid precision recall kid sfid fd_dinov2 --dinov2_model /models/dinov2-large
 """
 
 import argparse
@@ -14,7 +18,16 @@ import sys
 import torch
 
 from pixelrepa_diffusers.data import load_datasets_source
-from pixelrepa_diffusers.evaluation import dataset_statistics, image_folder_dataset, load_inception, save_fid_statistics
+from pixelrepa_diffusers.evaluation import (
+    DINOV2_MODEL,
+    METRICS,
+    check_metrics,
+    dataset_reference,
+    image_folder_dataset,
+    load_dinov2,
+    load_inception,
+    save_reference,
+)
 
 
 def parse_args(argv=None):
@@ -29,23 +42,34 @@ def parse_args(argv=None):
     parser.add_argument("--output", required=True, help="the npz to write")
     parser.add_argument("--inception_weights", default=None,
                         help="torch-fidelity's Inception-v3 weights file, for offline machines")
+    parser.add_argument("--metrics", nargs="+", default=["fid"],
+                        help=f"metrics to build the reference for, any of {', '.join(METRICS)} (default: fid)")
+    parser.add_argument("--num_features", type=int, default=10_000,
+                        help="images (drawn at random, seeded) whose pool features are stored for precision, recall "
+                             "and KID; ADM's reference batches hold 10,000")
+    parser.add_argument("--seed", type=int, default=0, help="seed of that draw")
+    parser.add_argument("--dinov2_model", default=DINOV2_MODEL,
+                        help="DINOv2 for fd_dinov2: Hub id or local folder of a transformers Dinov2Model")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_workers", type=int, default=4, help="image decoding processes")
     return parser.parse_args(argv)
 
 
 def compute(args):
+    check_metrics(args.metrics)
     if args.image_folder is not None:
         dataset = image_folder_dataset(args.image_folder)
     else:
         dataset = load_datasets_source(args.dataset_name, args.dataset_config_name, args.split)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     inception = load_inception(args.inception_weights, device)
-    statistics = dataset_statistics(
-        dataset, inception, args.image_column, args.resolution, args.batch_size, args.num_workers
+    dinov2 = load_dinov2(args.dinov2_model, device) if "fd_dinov2" in args.metrics else None
+    reference = dataset_reference(
+        dataset, inception, args.metrics, dinov2, args.image_column, args.resolution, args.batch_size,
+        args.num_workers, args.num_features, args.seed,
     )
-    save_fid_statistics(args.output, statistics)
-    print(f"wrote {args.output} (statistics of {len(dataset)} images at {args.resolution} px)")
+    save_reference(args.output, reference)
+    print(f"wrote {args.output} ({', '.join(sorted(reference))} of {len(dataset)} images at {args.resolution} px)")
 
 
 def main(argv=None) -> int:

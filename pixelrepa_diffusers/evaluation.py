@@ -13,26 +13,34 @@ import json
 import os
 import pickle
 import urllib.error
+import zipfile
 
 import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.hub import download_url_to_file
 from torch.utils.data import DataLoader
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_dinov2 import FeatureExtractorDinoV2
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
+from transformers import Dinov2Model
 
 from .data import IMAGE_EXTENSIONS, center_crop_arr, check_resolution
 from .pipeline_pixelrepa import check_precision
 
 INCEPTION_FEATURES = ["2048", "logits_unbiased"]
 FEATURE_DIM = 2048
+DINOV2_MODEL = "facebook/dinov2-large"
 
 
 def resolve_inception_weights(path: str | None = None) -> str:
@@ -76,37 +84,132 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.mul(255).round().clamp(0, 255).to(torch.uint8)
 
 
+METRICS = ("fid", "is", "precision", "recall", "sfid", "kid", "fd_dinov2")
+SPATIAL_CHANNELS = 7
+SPATIAL_DIM = SPATIAL_CHANNELS * 17 * 17
+# Reference arrays each metric needs; "features" can also come from an ADM reference batch's images, arr_0.
+REFERENCE_ARRAYS = {
+    "fid": ("mu", "sigma"),
+    "is": (),
+    "precision": ("features",),
+    "recall": ("features",),
+    "kid": ("features",),
+    "sfid": ("mu_s", "sigma_s"),
+    "fd_dinov2": ("mu_dinov2", "sigma_dinov2"),
+}
+
+
+def check_metrics(metrics) -> None:
+    """Raises ValueError unless every name in `metrics` is one of METRICS."""
+    unknown = [metric for metric in metrics if metric not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"metrics: unknown {unknown or 'empty list'}; choose from {', '.join(METRICS)}.")
+
+
+def feature_sets(metrics) -> list[str]:
+    """Names of the per-image feature sets that `metrics` need: Inception `features` and `logits` always,
+    ADM's `spatial` features for sfid, DINOv2 class tokens `dinov2` for fd_dinov2."""
+    return ["features", "logits"] + ["spatial"] * ("sfid" in metrics) + ["dinov2"] * ("fd_dinov2" in metrics)
+
+
+def load_reference(path: str, metrics=("fid",), resolution: int | None = None, dinov2_dim: int | None = None):
+    """The reference arrays that `metrics` need, from our npz (pipelines/compute_reference_stats.py) or an ADM
+    reference batch such as VIRTUAL_imagenet256_labeled.npz (arr_0, mu, sigma, mu_s, sigma_s).
+
+    Returns a dict of mu/sigma, features, mu_s/sigma_s and mu_dinov2/sigma_dinov2 as needed, plus `images_file`
+    (this path) when features must be computed from an ADM batch's arr_0, which only evaluate_pipeline's main
+    process then loads. `resolution`, if given, must be the one the reference was built at (its `resolution`
+    array or the size of arr_0); `dinov2_dim` is the width of the DINOv2 in use.
+    """
+    check_metrics(metrics)
+    archive = np.load(path)
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"fid_statistics_file {path!r} is not an npz archive with arrays 'mu' and 'sigma'.")
+    with archive:
+        files = set(archive.files)
+        for metric in metrics:
+            missing = [
+                name for name in REFERENCE_ARRAYS[metric]
+                if name not in files and not (name == "features" and "arr_0" in files)
+            ]
+            if missing:
+                images = " (or ADM's images arr_0)" if missing == ["features"] else ""
+                raise ValueError(
+                    f"fid_statistics_file {path!r} lacks {missing}{images}, which {metric} needs; "
+                    f"it has {sorted(files)}."
+                )
+        needed = {name for metric in metrics for name in REFERENCE_ARRAYS[metric]}
+        reference = {name: archive[name] for name in sorted(needed & files)}
+        built_at = int(archive["resolution"]) if "resolution" in files else None
+    if "arr_0" in files:
+        shape, dtype = npz_array_header(path, "arr_0")
+        if len(shape) != 4 or shape[3] != 3 or dtype != np.uint8:
+            raise ValueError(f"fid_statistics_file {path!r} has arr_0 {shape} {dtype}; expected uint8 (N, H, W, 3) "
+                             "images.")
+        built_at = shape[1]
+        if "features" in needed and "features" not in files:
+            reference["images_file"] = path
+    if resolution is not None and built_at is not None and built_at != resolution:
+        raise ValueError(
+            f"fid_statistics_file {path!r} was built at {built_at} px; the pipeline samples at {resolution} px."
+        )
+    check_shapes(path, reference, "mu", "sigma", FEATURE_DIM, "the Inception-v3 pool features")
+    check_shapes(path, reference, "mu_s", "sigma_s", SPATIAL_DIM,
+                 "ADM's spatial features (first 7 channels of Inception's mixed_6/conv, 17 x 17)")
+    check_shapes(path, reference, "mu_dinov2", "sigma_dinov2", dinov2_dim, "the DINOv2 class token in use")
+    if "features" in reference and (reference["features"].ndim != 2 or reference["features"].shape[1] != FEATURE_DIM):
+        raise ValueError(
+            f"fid_statistics_file {path!r} has features {reference['features'].shape}; expected (N, {FEATURE_DIM}), "
+            "the Inception-v3 pool features (another feature layer?)."
+        )
+    return reference
+
+
+def npz_array_header(path: str, name: str) -> tuple[tuple, np.dtype]:
+    """Shape and dtype of array `name` of an npz, read from its header without loading the array."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as file:
+        version = np.lib.format.read_magic(file)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(file)
+    return shape, dtype
+
+
+def check_shapes(path, reference, mean, covariance, dim, what) -> None:
+    """Raises ValueError unless reference[mean] is (dim,) and reference[covariance] (dim, dim), when present."""
+    if mean not in reference:
+        return
+    mu, sigma = reference[mean], reference[covariance]
+    if dim is None:
+        dim = mu.shape[0]
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise ValueError(
+            f"fid_statistics_file {path!r} has {mean} {mu.shape} and {covariance} {sigma.shape}; expected ({dim},) "
+            f"and ({dim}, {dim}), {what}."
+        )
+
+
 def load_fid_statistics(path: str) -> dict[str, np.ndarray]:
     """Reference statistics {"mu": (2048,), "sigma": (2048, 2048)} from an npz file."""
-    statistics = np.load(path)
-    if not isinstance(statistics, np.lib.npyio.NpzFile):
-        raise ValueError(f"fid_statistics_file {path!r} is not an npz archive with arrays 'mu' and 'sigma'.")
-    with statistics:
-        missing = sorted({"mu", "sigma"} - set(statistics.files))
-        if missing:
-            raise ValueError(
-                f"fid_statistics_file {path!r} lacks {missing}; it has {sorted(statistics.files)}, "
-                "expected 'mu' and 'sigma'."
-            )
-        mu, sigma = statistics["mu"], statistics["sigma"]
-    if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
-        raise ValueError(
-            f"fid_statistics_file {path!r} has mu {mu.shape} and sigma {sigma.shape}; expected ({FEATURE_DIM},) "
-            f"and ({FEATURE_DIM}, {FEATURE_DIM}), the Inception-v3 pool features."
-        )
-    return {"mu": mu, "sigma": sigma}
+    return load_reference(path, ("fid",))
 
 
-def save_fid_statistics(path: str, statistics: dict[str, np.ndarray]) -> None:
-    """Writes statistics as an npz with arrays `mu` and `sigma`."""
-    np.savez(path, mu=statistics["mu"], sigma=statistics["sigma"])
+def save_reference(path: str, reference: dict[str, np.ndarray]) -> None:
+    """Writes reference arrays (mu, sigma, resolution and any of features, mu_s, sigma_s, mu_dinov2, sigma_dinov2)
+    as an npz."""
+    np.savez(path, **reference)
+
+
+def frechet_distance(features: torch.Tensor, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """Fréchet distance between the Gaussian of features (N, D) and reference statistics, by torch-fidelity."""
+    statistics = fid_features_to_statistics(features.cpu())
+    reference = {"mu": mu, "sigma": sigma}
+    as_float64 = [{key: stats[key].astype(np.float64) for key in ("mu", "sigma")} for stats in (statistics, reference)]
+    return fid_statistics_to_metric(*as_float64, verbose=False)[KEY_METRIC_FID]
 
 
 def frechet_inception_distance(features: torch.Tensor, reference: dict[str, np.ndarray]) -> float:
     """FID between Inception pool features (N, 2048) and reference statistics, by torch-fidelity."""
-    statistics = fid_features_to_statistics(features.cpu())
-    as_float64 = [{key: stats[key].astype(np.float64) for key in ("mu", "sigma")} for stats in (statistics, reference)]
-    return fid_statistics_to_metric(*as_float64, verbose=False)[KEY_METRIC_FID]
+    return frechet_distance(features, reference["mu"], reference["sigma"])
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
@@ -114,6 +217,91 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
     torch-fidelity (same shuffle seed as `calculate_metrics`)."""
     metrics = isc_features_to_metric(logits.cpu(), splits=splits)
     return metrics[KEY_METRIC_ISC_MEAN], metrics[KEY_METRIC_ISC_STD]
+
+
+class DinoV2ClassToken(torch.nn.Module):
+    """A transformers DINOv2 returning its final-norm class token, as facebookresearch/dinov2's forward does."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).pooler_output
+
+
+class DinoV2FeatureExtractor(FeatureExtractorDinoV2):
+    """torch-fidelity's DINOv2 feature extractor (its resize to 224, normalisation and forward) around a
+    transformers DINOv2, which loads from a local folder on offline machines."""
+
+    def __init__(self, model):
+        FeatureExtractorBase.__init__(self, "dinov2", ["dinov2"])
+        self.feature_extractor_internal_dtype = torch.float32
+        self.model = DinoV2ClassToken(model)
+        self.requires_grad_(False)
+        self.eval()
+
+
+def load_dinov2(pretrained_model_name_or_path: str = DINOV2_MODEL, device: str | torch.device = "cpu"):
+    """DINOv2 (a Hub id or a local folder of a transformers Dinov2Model) as torch-fidelity's DINOv2 feature
+    extractor; called on uint8 (B, 3, H, W) it returns a 1-tuple of class tokens (B, hidden_size)."""
+    model = Dinov2Model.from_pretrained(pretrained_model_name_or_path)
+    return DinoV2FeatureExtractor(model).to(device)
+
+
+@torch.no_grad()
+def image_features(images: torch.Tensor, inception, sets=("features", "logits"), dinov2=None) -> dict:
+    """Features of uint8 images (B, 3, H, W) on CPU: Inception pool `features` (B, 2048) and unbiased `logits`,
+    plus ADM's `spatial` features (B, 2023: the first 7 channels of Inception's mixed_6/conv, i.e. Mixed_6d's
+    1x1 branch, flattened in TensorFlow's height, width, channel order) and DINOv2 class tokens `dinov2` if in
+    `sets`."""
+    captured = {}
+
+    def keep_spatial(module, inputs, output):
+        captured["spatial"] = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1).float()
+
+    hook = inception.Mixed_6d.branch1x1.register_forward_hook(keep_spatial) if "spatial" in sets else None
+    features, logits = inception(images)
+    if hook is not None:
+        hook.remove()
+    result = {"features": features.cpu(), "logits": logits.cpu(), **{k: v.cpu() for k, v in captured.items()}}
+    if "dinov2" in sets:
+        (result["dinov2"],) = dinov2(images)
+        result["dinov2"] = result["dinov2"].cpu()
+    return result
+
+
+@torch.no_grad()
+def tensor_features(images: torch.Tensor, inception, batch_size: int = 64) -> torch.Tensor:
+    """Inception pool features (N, 2048) of uint8 images (N, 3, H, W)."""
+    device = inception.fc.weight.device
+    return torch.cat([image_features(batch.to(device), inception)["features"] for batch in images.split(batch_size)])
+
+
+def compute_metrics(metrics, features: dict, reference: dict, isc_splits=10, kid_subset_size=1000) -> dict:
+    """Each of `metrics` from the generated images' feature sets and the reference arrays (load_reference, with
+    `features` filled in for an ADM batch): fid, inception_score_mean/std, precision, recall (k = 3, ADM's and
+    torch-fidelity's), kid_mean/std (torch-fidelity's defaults, subsets of kid_subset_size), sfid, fd_dinov2."""
+    results = {}
+    if "fid" in metrics:
+        results["fid"] = frechet_inception_distance(features["features"], reference)
+    if "is" in metrics:
+        results["inception_score_mean"], results["inception_score_std"] = inception_score(features["logits"],
+                                                                                          isc_splits)
+    if "precision" in metrics or "recall" in metrics:
+        real = torch.from_numpy(np.asarray(reference["features"], dtype=np.float32))
+        prc = prc_features_to_metric(features["features"], real, prc_neighborhood=3, prc_batch_size=10000,
+                                     save_cpu_ram=True, verbose=False)
+        results.update({f"improved_{key}": prc[key] for key in ("precision", "recall") if key in metrics})
+    if "kid" in metrics:
+        real = torch.from_numpy(np.asarray(reference["features"], dtype=np.float32))
+        kid = kid_features_to_metric(features["features"], real, kid_subset_size=kid_subset_size, verbose=False)
+        results["kid_mean"], results["kid_std"] = kid[KEY_METRIC_KID_MEAN], kid[KEY_METRIC_KID_STD]
+    if "sfid" in metrics:
+        results["sfid"] = frechet_distance(features["spatial"], reference["mu_s"], reference["sigma_s"])
+    if "fd_dinov2" in metrics:
+        results["fd_dinov2"] = frechet_distance(features["dinov2"], reference["mu_dinov2"], reference["sigma_dinov2"])
+    return results
 
 
 def evaluation_class_labels(num_images: int, num_classes: int, class_balanced: bool = True, seed: int = 0):
@@ -151,15 +339,23 @@ def crop_batch(batch: dict, image_column: str, resolution: int) -> dict:
 
 
 @torch.no_grad()
-def dataset_statistics(
+def dataset_reference(
     dataset,
     inception: FeatureExtractorInceptionV3,
+    metrics=("fid",),
+    dinov2=None,
     image_column: str = "image",
     resolution: int = 256,
     batch_size: int = 64,
     num_workers: int = 0,
+    num_features: int = 10_000,
+    seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """FID statistics of a `datasets.Dataset` of images after the ADM center crop to `resolution`."""
+    """Reference arrays of a `datasets.Dataset` of images after the ADM center crop to `resolution`, for
+    `metrics`: FID statistics mu/sigma and the resolution always; pool `features` of `num_features` images drawn
+    with `seed` (all if fewer) for precision, recall and KID; mu_s/sigma_s for sFID; mu_dinov2/sigma_dinov2 for
+    FD-DINOv2."""
+    check_metrics(metrics)
     check_resolution(resolution)
     if image_column not in dataset.column_names:
         raise ValueError(f"image_column {image_column!r} is not a column of the dataset: {dataset.column_names}.")
@@ -171,11 +367,21 @@ def dataset_statistics(
     crop = functools.partial(crop_batch, image_column=image_column, resolution=resolution)
     loader = DataLoader(dataset.with_transform(crop), batch_size=batch_size, num_workers=num_workers)
     device = inception.fc.weight.device
-    features = []
-    for batch in tqdm(loader, desc="Inception features", unit="batch"):
-        pool_features, _ = inception(batch["pixels"].to(device))
-        features.append(pool_features.cpu())
-    return fid_features_to_statistics(torch.cat(features))
+    sets = feature_sets(metrics)
+    features = {name: [] for name in sets}
+    for batch in tqdm(loader, desc="reference features", unit="batch"):
+        for name, value in image_features(batch["pixels"].to(device), inception, sets, dinov2).items():
+            features[name].append(value)
+    features = {name: torch.cat(value) for name, value in features.items()}
+    reference = {**fid_features_to_statistics(features["features"]), "resolution": np.array(resolution)}
+    if {"precision", "recall", "kid"} & set(metrics):
+        drawn = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_features]
+        reference["features"] = features["features"][drawn.sort().values].numpy()
+    for name, suffix in (("spatial", "_s"), ("dinov2", "_dinov2")):
+        if name in features:
+            statistics = fid_features_to_statistics(features[name])
+            reference[f"mu{suffix}"], reference[f"sigma{suffix}"] = statistics["mu"], statistics["sigma"]
+    return reference
 
 
 def sampling_settings(pipeline, guidance_scale, guidance_interval, **settings) -> dict:
@@ -192,10 +398,11 @@ def sampling_settings(pipeline, guidance_scale, guidance_interval, **settings) -
 
 
 @torch.no_grad()
-def generate_shard(pipeline, inception, labels, start, end, settings, batch_size, save_dir, progress_bar):
-    """Generates images start..end-1 (image i from noise seeded with seed + i) and returns their Inception
-    features, logits and class labels."""
-    features, logits = [], []
+def generate_shard(pipeline, inception, labels, start, end, settings, batch_size, save_dir, progress_bar,
+                   sets=("features", "logits"), dinov2=None):
+    """Generates images start..end-1 (image i from noise seeded with seed + i) and returns their feature sets
+    (image_features) and class labels."""
+    features = {name: [] for name in sets}
     for batch in torch.arange(start, end).split(batch_size):
         generators = [torch.Generator().manual_seed(settings["seed"] + index) for index in batch.tolist()]
         images = pipeline(
@@ -211,22 +418,29 @@ def generate_shard(pipeline, inception, labels, start, end, settings, batch_size
         if save_dir is not None:
             for index, image in zip(batch.tolist(), images.permute(0, 2, 3, 1).cpu().numpy()):
                 Image.fromarray(image).save(os.path.join(save_dir, f"{index:06d}.png"))
-        batch_features, batch_logits = inception(images)
-        features.append(batch_features.cpu())
-        logits.append(batch_logits.cpu())
+        for name, value in image_features(images, inception, sets, dinov2).items():
+            features[name].append(value)
         progress_bar.update(len(batch))
-    return {"features": torch.cat(features), "logits": torch.cat(logits), "class_labels": labels[start:end].clone()}
+    return {**{name: torch.cat(value) for name, value in features.items()}, "class_labels": labels[start:end].clone()}
+
+
+def shard_is_finished(path: str, sets) -> bool:
+    """Whether the shard file exists and holds every feature set in `sets`."""
+    if not os.path.exists(path):
+        return False
+    with safe_open(path, "pt") as file:
+        return set(sets) <= set(file.keys())
 
 
 def evaluate_pipeline(
     pipeline,
     inception: FeatureExtractorInceptionV3,
-    reference_statistics: dict[str, np.ndarray],
+    reference: dict,
     accelerator: Accelerator,
     shard_dir: str,
     num_images: int = 50_000,
     guidance_scales: list[float | None] = (None,),
-    guidance_interval: tuple[float, float] | None = None,
+    guidance_intervals: list[tuple[float, float] | None] = (None,),
     num_inference_steps: int = 50,
     batch_size: int = 64,
     images_per_shard: int = 500,
@@ -235,77 +449,144 @@ def evaluate_pipeline(
     isc_splits: int = 10,
     save_images: str | None = None,
     precision: str = "official",
+    metrics=("fid", "is"),
+    dinov2=None,
+    kid_subset_size: int = 1000,
 ) -> list[dict] | None:
     """
-    FID and IS of `num_images` samples for each guidance scale (None: the pipeline's default), sampled in the
-    regime `precision` (one of `PRECISIONS`; "official", the papers' bf16 autocast with fp32 attention logits, by
-    default).
+    `metrics` (any of METRICS; FID and IS by default) of `num_images` samples for each guidance interval and
+    guidance scale (None: the pipeline's default), sampled in the regime `precision` (one of `PRECISIONS`;
+    "official", the papers' bf16 autocast with fp32 attention logits, by default). `reference` comes from
+    `load_reference`; `dinov2` (load_dinov2) is needed for fd_dinov2.
 
     Image indices are cut into shards of `images_per_shard`, saved as
-    `shard_dir/guidance_<scale>-<settings hash>/shard-<start>-<end>.safetensors`. Shards already there are reused,
-    so a crashed run resumes where it stopped, with any number of processes; process r of an accelerate run
-    generates unfinished shards r, r + world_size, ... and the main process merges all shards.
-    `save_images` also writes each generated image as `<save_images>/guidance_<scale>/<index>.png`.
+    `shard_dir/<name>-<settings hash>/shard-<start>-<end>.safetensors`, name `guidance_<scale>` (plus
+    `_interval_<min>_<max>` for an interval other than the pipeline's), with the feature sets the metrics
+    need. Shards already there with those sets are reused, so a crashed run resumes where it stopped, with any
+    number of processes; process r of an accelerate run generates unfinished shards r, r + world_size, ... and the
+    main process merges all shards. One progress bar on the main process counts its images over the whole run.
+    `save_images` also writes each generated image as `<save_images>/<name>/<index>.png`.
 
-    Returns, on the main process, one dict per guidance scale with its settings, `fid`, `inception_score_mean`,
-    `inception_score_std` and the number of `reused_shards`; None on the other processes.
+    Returns, on the main process, one dict per setting with its settings, the metrics (`fid`,
+    `inception_score_mean`, `inception_score_std`, `improved_precision`, `improved_recall`, `kid_mean`, `kid_std`,
+    `sfid`, `fd_dinov2`, as asked) and the number of `reused_shards`; None on the other processes.
     """
+    check_metrics(metrics)
     check_precision(precision, pipeline.transformer.dtype)
+    if "fd_dinov2" in metrics and dinov2 is None:
+        raise ValueError("metric fd_dinov2 needs a DINOv2 (load_dinov2).")
+    if "kid" in metrics:
+        num_reference = (len(reference["features"]) if "features" in reference
+                         else npz_array_header(reference["images_file"], "arr_0")[0][0])
+        if kid_subset_size > min(num_images, num_reference):
+            raise ValueError(f"kid_subset_size {kid_subset_size} is more than the {num_images} images or the "
+                             f"{num_reference} reference images.")
     labels = evaluation_class_labels(num_images, pipeline.transformer.config.num_classes, class_balanced, seed)
     if num_images < isc_splits:
         raise ValueError(f"num_images must be at least isc_splits ({isc_splits}), got {num_images}.")
     if batch_size < 1 or images_per_shard < 1:
         raise ValueError(f"batch_size and images_per_shard must be >= 1, got {batch_size} and {images_per_shard}.")
     bounds = [(start, min(start + images_per_shard, num_images)) for start in range(0, num_images, images_per_shard)]
+    sets = feature_sets(metrics)
     pipeline.set_progress_bar_config(disable=True)
 
-    results = []
-    for guidance_scale in guidance_scales:
-        settings = sampling_settings(
-            pipeline, guidance_scale, guidance_interval, num_images=num_images,
-            num_inference_steps=num_inference_steps, class_balanced=class_balanced, seed=seed, precision=precision,
-        )
-        name = f"guidance_{settings['guidance_scale']:g}"
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        run_dir = os.path.join(shard_dir, f"{name}-{digest}")
-        save_dir = None if save_images is None else os.path.join(save_images, name)
-        for directory in (run_dir, save_dir):
-            if directory is not None:
-                os.makedirs(directory, exist_ok=True)
-        if accelerator.is_main_process:
-            with open(os.path.join(run_dir, "settings.json"), "w") as file:
-                json.dump(settings, file, indent=2)
+    runs = []
+    for guidance_interval in guidance_intervals:
+        for guidance_scale in guidance_scales:
+            settings = sampling_settings(
+                pipeline, guidance_scale, guidance_interval, num_images=num_images,
+                num_inference_steps=num_inference_steps, class_balanced=class_balanced, seed=seed,
+                precision=precision,
+            )
+            name = f"guidance_{settings['guidance_scale']:g}"
+            if settings["guidance_interval"] != list(pipeline.config.guidance_interval):
+                name += "_interval_{:g}_{:g}".format(*settings["guidance_interval"])
+            digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+            run_dir = os.path.join(shard_dir, f"{name}-{digest}")
+            save_dir = None if save_images is None else os.path.join(save_images, name)
+            for directory in (run_dir, save_dir):
+                if directory is not None:
+                    os.makedirs(directory, exist_ok=True)
+            if accelerator.is_main_process:
+                with open(os.path.join(run_dir, "settings.json"), "w") as file:
+                    json.dump(settings, file, indent=2)
+            paths = [os.path.join(run_dir, f"shard-{start:06d}-{end:06d}.safetensors") for start, end in bounds]
+            finished = [shard_is_finished(path, sets) for path in paths]
+            unfinished = [shard for shard in range(len(paths)) if not finished[shard]]
+            pending = unfinished[accelerator.process_index :: accelerator.num_processes]
+            runs.append({"settings": settings, "run_dir": run_dir, "save_dir": save_dir, "paths": paths,
+                         "finished": finished, "pending": pending})
+    accelerator.wait_for_everyone()
 
-        paths = [os.path.join(run_dir, f"shard-{start:06d}-{end:06d}.safetensors") for start, end in bounds]
-        finished = [os.path.exists(path) for path in paths]
-        unfinished = [shard for shard in range(len(paths)) if not finished[shard]]
-        pending = unfinished[accelerator.process_index :: accelerator.num_processes]
-        accelerator.wait_for_everyone()
-        progress_bar = tqdm(
-            total=sum(bounds[shard][1] - bounds[shard][0] for shard in pending), unit="image", desc=name,
-            disable=not accelerator.is_main_process,
-        )
-        for shard in pending:
+    progress_bar = tqdm(
+        total=sum(bounds[shard][1] - bounds[shard][0] for run in runs for shard in run["pending"]), unit="img",
+        desc="generating", disable=not accelerator.is_main_process,
+    )
+    for run in runs:
+        for shard in run["pending"]:
             tensors = generate_shard(
-                pipeline, inception, labels, *bounds[shard], settings, batch_size, save_dir, progress_bar
+                pipeline, inception, labels, *bounds[shard], run["settings"], batch_size, run["save_dir"],
+                progress_bar, sets, dinov2,
             )
-            save_file(tensors, paths[shard] + ".tmp", metadata={"process_index": str(accelerator.process_index)})
-            os.replace(paths[shard] + ".tmp", paths[shard])
-        progress_bar.close()
-        accelerator.wait_for_everyone()
+            path = run["paths"][shard]
+            save_file(tensors, path + ".tmp", metadata={"process_index": str(accelerator.process_index)})
+            os.replace(path + ".tmp", path)
+    progress_bar.close()
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
 
-        if accelerator.is_main_process:
-            shards = [load_file(path) for path in paths]
-            is_mean, is_std = inception_score(torch.cat([shard["logits"] for shard in shards]), isc_splits)
-            fid = frechet_inception_distance(torch.cat([shard["features"] for shard in shards]), reference_statistics)
-            results.append(
-                {
-                    **settings,
-                    "fid": fid,
-                    "inception_score_mean": is_mean,
-                    "inception_score_std": is_std,
-                    "reused_shards": sum(finished),
-                    "shard_dir": run_dir,
-                }
-            )
-    return results if accelerator.is_main_process else None
+    if "images_file" in reference:
+        with np.load(reference["images_file"]) as archive:
+            images = torch.from_numpy(archive["arr_0"]).permute(0, 3, 1, 2)
+        reference = {**reference, "features": tensor_features(images, inception, batch_size).numpy()}
+    results = []
+    for run in runs:
+        shards = [load_file(path) for path in run["paths"]]
+        features = {name: torch.cat([shard[name] for shard in shards]) for name in sets}
+        results.append(
+            {
+                **run["settings"],
+                **compute_metrics(metrics, features, reference, isc_splits, kid_subset_size),
+                "reused_shards": sum(run["finished"]),
+                "shard_dir": run["run_dir"],
+            }
+        )
+    return results
+
+
+METRIC_LABELS = {"fid": "FID", "inception_score_mean": "IS"}
+
+
+def plot_guidance_sweep(results: list[dict], path: str) -> None:
+    """PNG of FID and IS against guidance scale, one line per guidance interval, the lowest FID marked; the plotted
+    points are also written into the PNG's "Description" text as JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [key for key in METRIC_LABELS if key in results[0]]
+    intervals = sorted({tuple(result["guidance_interval"]) for result in results})
+    best = min(results, key=lambda result: result["fid"]) if "fid" in keys else None
+    figure, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    plotted = {key: {} for key in keys}
+    for axis, key in zip(axes[0], keys):
+        for interval in intervals:
+            points = sorted((r["guidance_scale"], r[key]) for r in results if tuple(r["guidance_interval"]) == interval)
+            label = f"interval [{interval[0]:g}, {interval[1]:g}]"
+            axis.plot(*zip(*points), marker="o", label=label)
+            plotted[key][label] = points
+        if best is not None:
+            axis.plot(best["guidance_scale"], best[key], marker="*", markersize=16, color="black", linestyle="none",
+                      label=f"best FID: scale {best['guidance_scale']:g}, interval {best['guidance_interval']}")
+        axis.set_xlabel("guidance scale")
+        axis.set_ylabel(METRIC_LABELS[key])
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    description = {"series": plotted}
+    if best is not None:
+        description["best"] = {"guidance_scale": best["guidance_scale"], "guidance_interval": best["guidance_interval"]}
+    figure.tight_layout()
+    figure.savefig(path, dpi=100, metadata={"Description": json.dumps(description)})
+    plt.close(figure)

@@ -1,4 +1,5 @@
-"""FID / IS evaluation: parity with torch-fidelity, class balance, sharding over 2 processes, resume, bad input."""
+"""Evaluation: FID / IS, precision, recall, KID, sFID, FD-DINOv2 against torch-fidelity and ADM's formulas, ADM
+reference batches, sweep plots, class balance, sharding over 2 processes, resume, bad input."""
 
 import importlib.util
 import json
@@ -11,12 +12,14 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 import torch_fidelity
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torchvision.transforms.functional import pil_to_tensor
+from transformers import Dinov2Config, Dinov2Model
 
 from conftest import random_tiny_transformer
 from inception_helpers import random_smooth_images, save_random_inception_weights
@@ -26,6 +29,7 @@ from pixelrepa_diffusers.evaluation import (
     evaluation_class_labels,
     load_fid_statistics,
     load_inception,
+    to_uint8,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -310,3 +314,320 @@ def test_inception_weights_that_would_run_code_are_refused(tmp_path):
     torch.save({"fc.weight": RunsCode()}, evil)
     with pytest.raises(ValueError, match="not a plain state dict"):
         load_inception(str(evil))
+
+
+# Precision, recall, sFID, KID and FD-DINOv2; ADM reference batches; guidance sweeps drawn as plots.
+
+ALL_METRICS = ["fid", "is", "precision", "recall", "sfid", "kid", "fd_dinov2"]
+KID_SUBSET_SIZE = 10
+
+
+class ClassToken(torch.nn.Module):
+    """What torch.hub.load("facebookresearch/dinov2", ...) returns, offline: a DINOv2 giving its final-norm class
+    token."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.model = Dinov2Model.from_pretrained(folder)
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).pooler_output
+
+
+@pytest.fixture(scope="module")
+def metrics_assets(assets):
+    """A random DINOv2 of the real architecture (ViT, patch 14, position grid of 518 px; narrow and shallow), a
+    reference folder of 24 images (12 smooth random ones, 12 samples of the tiny pipeline from other seeds, so that
+    precision and recall are neither 0 nor 1) and its reference npz with every metric's arrays, by
+    compute_reference_stats."""
+    root = assets["root"] / "metrics"
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=14,
+                          image_size=518, layerscale_value=0.5)
+    Dinov2Model(config).save_pretrained(root / "dinov2")
+    pipeline = PixelREPAPipeline.from_pretrained(assets["pipeline"])
+    samples = pipeline(torch.arange(12) % NUM_CLASSES, num_inference_steps=2, guidance_scale=1.0, output_type="pt",
+                       generator=torch.Generator().manual_seed(1000)).images
+    images = torch.cat([random_smooth_images(12, seed=5, brightness=60), to_uint8(samples)])
+    reference_dir = write_pngs(images, root / "reference")
+    stats = str(root / "reference.npz")
+    exit_code = load_cli("compute_reference_stats").main([
+        "--image_folder", reference_dir, "--resolution", "32", "--output", stats, "--inception_weights",
+        assets["weights"], "--batch_size", "8", "--num_workers", "0", "--metrics", *ALL_METRICS,
+        "--dinov2_model", str(root / "dinov2"), "--num_features", "24",
+    ])
+    assert exit_code == 0
+    return {**assets, "metrics_root": root, "dinov2": str(root / "dinov2"), "reference_dir": reference_dir,
+            "stats": stats}
+
+
+def metrics_arguments(assets, output_json, *extra):
+    """evaluate_arguments for 10 images (2 shards) against the full reference, with every metric, KID subsets of 10
+    and a 2 x 2 sweep over guidance scale and interval lower bound."""
+    arguments = evaluate_arguments(assets, output_json)
+    arguments[arguments.index("--num_images") + 1] = "10"
+    return [
+        *arguments, "--metrics", *ALL_METRICS, "--dinov2_model", assets["dinov2"],
+        "--kid_subset_size", str(KID_SUBSET_SIZE), "--guidance_interval_min", "0.0", "0.5", *extra,
+    ]
+
+
+def one_setting(arguments):
+    """The arguments cut to one setting of the sweep: guidance scale 1, interval [0, 1]."""
+    scale, interval = arguments.index("--guidance_scale"), arguments.index("--guidance_interval_min")
+    return [value for index, value in enumerate(arguments) if index not in (scale + 2, interval + 2)]
+
+
+@pytest.fixture(scope="module")
+def metrics_run(metrics_assets):
+    """pipelines/evaluate.py with every metric on 2 CPU processes: 10 images in 2 shards for each of 4 settings."""
+    output_json = metrics_assets["metrics_root"] / "run" / "results.json"
+    output_json.parent.mkdir()
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(REPO / "pipelines" / "evaluate.py"),
+        *metrics_arguments(metrics_assets, output_json, "--save_images", str(output_json.parent / "images")),
+    ]
+    environment = {**cli_environment(), "ACCELERATE_USE_CPU": "true"}
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return output_json, completed
+
+
+def test_precision_recall_and_kid_equal_torch_fidelity_calculate_metrics(metrics_run, metrics_assets):
+    output_json, _ = metrics_run
+    first = json.loads(output_json.read_text())["results"][0]
+    assert first["guidance_scale"] == 1.0 and first["guidance_interval"] == [0.0, 1.0]
+    expected = torch_fidelity.calculate_metrics(
+        input1=str(output_json.parent / "images" / "guidance_1_interval_0_1"), input2=metrics_assets["reference_dir"],
+        prc=True, kid=True, kid_subset_size=KID_SUBSET_SIZE, cuda=False, batch_size=20, cache=False,
+        feature_extractor="inception-v3-compat",  # ADM's; torch-fidelity's default for precision/recall is VGG-16
+        feature_extractor_weights_path=metrics_assets["weights"], save_cpu_ram=True, verbose=False,
+    )
+    assert 0 < first["improved_precision"] < 1 or 0 < first["improved_recall"] < 1  # neither metric saturates
+    assert abs(first["improved_precision"] - expected["precision"]) < 1e-3
+    assert abs(first["improved_recall"] - expected["recall"]) < 1e-3
+    assert first["kid_mean"] > 1e-3
+    assert abs(first["kid_mean"] - expected["kernel_inception_distance_mean"]) < 1e-3
+    assert abs(first["kid_std"] - expected["kernel_inception_distance_std"]) < 1e-3
+
+
+def adm_spatial_features(inception, images):
+    """ADM's spatial features re-derived: torch-fidelity's Inception run layer by layer up to mixed_6/conv (the
+    1x1 branch of Mixed_6d, after its batch norm and ReLU), first 7 channels, flattened as TensorFlow's NHWC."""
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    x = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
+    x = (x - 128) / 128
+    for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                 "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c"):
+        x = getattr(inception, name)(x)
+    x = inception.Mixed_6d.branch1x1(x)
+    assert x.shape[1:] == (192, 17, 17)
+    return x.permute(0, 2, 3, 1)[..., :7].reshape(len(x), -1).double().numpy()
+
+
+def adm_frechet_distance(mu1, sigma1, mu2, sigma2):
+    """FIDStatistics.frechet_distance of ADM's evaluator: ||mu1 - mu2||^2 + tr(S1 + S2 - 2 sqrtm(S1 S2))."""
+    covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
+    diff = mu1 - mu2
+    return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real)
+
+
+def read_pngs(folder):
+    """uint8 (N, 3, H, W) of the PNGs in a folder, in name order."""
+    return torch.stack([pil_to_tensor(Image.open(path)) for path in sorted(Path(folder).glob("*.png"))])
+
+
+def test_sfid_equals_adm_formulas_on_rederived_spatial_features(metrics_run, metrics_assets):
+    output_json, _ = metrics_run
+    first = json.loads(output_json.read_text())["results"][0]
+    inception = load_inception(metrics_assets["weights"])
+    with torch.no_grad():
+        images = read_pngs(output_json.parent / "images" / "guidance_1_interval_0_1")
+        generated = adm_spatial_features(inception, images)
+        real = adm_spatial_features(inception, read_pngs(metrics_assets["reference_dir"]))
+    assert generated.shape == (10, 2023) and real.shape == (24, 2023)
+    reference = np.load(metrics_assets["stats"])
+    np.testing.assert_allclose(reference["mu_s"], real.mean(0), atol=1e-5)
+    expected = adm_frechet_distance(generated.mean(0), np.cov(generated, rowvar=False), real.mean(0),
+                                    np.cov(real, rowvar=False))
+    assert expected > 1
+    assert abs(first["sfid"] - expected) < 1e-3
+
+
+def test_fd_dinov2_equals_torch_fidelity_with_the_same_random_dinov2(metrics_run, metrics_assets, monkeypatch):
+    output_json, _ = metrics_run
+    first = json.loads(output_json.read_text())["results"][0]
+    loaded = []
+
+    def hub_load(repository, model):
+        loaded.append((repository, model))
+        return ClassToken(metrics_assets["dinov2"])
+
+    monkeypatch.setattr(torch.hub, "load", hub_load)
+    expected = torch_fidelity.calculate_metrics(
+        input1=str(output_json.parent / "images" / "guidance_1_interval_0_1"), input2=metrics_assets["reference_dir"],
+        fid=True, feature_extractor="dinov2-vit-b-14", cuda=False, batch_size=20, cache=False, verbose=False,
+    )
+    assert loaded == [("facebookresearch/dinov2", "dinov2_vitb14")]
+    assert first["fd_dinov2"] > 1e-3
+    assert abs(first["fd_dinov2"] - expected["frechet_inception_distance"]) < 1e-3
+
+
+def test_new_feature_sets_are_sharded_and_class_balanced(metrics_run):
+    output_json, _ = metrics_run
+    results = json.loads(output_json.read_text())["results"]
+    settings = [(result["guidance_interval"][0], result["guidance_scale"]) for result in results]
+    assert settings == [(0.0, 1.0), (0.0, 2.0), (0.5, 1.0), (0.5, 2.0)]
+    for result in results:
+        assert result["reused_shards"] == 0 and result["precision"] == "official"
+        paths = sorted(Path(result["shard_dir"]).glob("shard-*.safetensors"))
+        assert len(paths) == 2
+        makers = []
+        for path in paths:
+            with safe_open(path, "pt") as file:
+                makers.append(file.metadata()["process_index"])
+                assert set(file.keys()) == {"features", "logits", "spatial", "dinov2", "class_labels"}
+                assert file.get_slice("spatial").get_shape() == [5, 2023]
+                assert file.get_slice("dinov2").get_shape() == [5, 48]
+        assert makers == ["0", "1"]
+        labels = torch.cat([load_file(path)["class_labels"] for path in paths])
+        assert torch.equal(labels, torch.arange(NUM_CLASSES))
+
+
+def test_sweep_plot_shows_the_json_values_and_marks_the_best(metrics_run):
+    output_json, completed = metrics_run
+    results = json.loads(output_json.read_text())["results"]
+    plot = output_json.with_suffix(".png")
+    assert f"wrote {plot}" in completed.stdout
+    assert "guidance_scale 2 (interval [0.5, 1]): FID" in completed.stdout
+    image = Image.open(plot)
+    assert image.format == "PNG" and image.size[0] > 500
+    described = json.loads(image.text["Description"])
+    for key in ("fid", "inception_score_mean"):
+        for minimum in (0.0, 0.5):
+            expected = [[r["guidance_scale"], r[key]] for r in results if r["guidance_interval"][0] == minimum]
+            assert described["series"][key][f"interval [{minimum:g}, 1]"] == expected
+    best = min(results, key=lambda result: result["fid"])
+    assert described["best"] == {key: best[key] for key in ("guidance_scale", "guidance_interval")}
+
+
+def write_adm_batch(path, images, reference):
+    """An ADM reference batch as distributed: arr_0 uint8 (N, H, W, 3) images, mu, sigma, mu_s, sigma_s."""
+    np.savez(path, arr_0=images.permute(0, 2, 3, 1).numpy(), mu=reference["mu"], sigma=reference["sigma"],
+             mu_s=reference["mu_s"], sigma_s=reference["sigma_s"])
+    return str(path)
+
+
+def test_adm_reference_batch_gives_the_metrics_of_our_npz(metrics_run, metrics_assets, tmp_path):
+    output_json, _ = metrics_run
+    reference = np.load(metrics_assets["stats"])
+    adm = write_adm_batch(tmp_path / "VIRTUAL_random32.npz", read_pngs(metrics_assets["reference_dir"]), reference)
+    outputs = {}
+    for name, stats in (("ours", metrics_assets["stats"]), ("adm", adm)):
+        outputs[name] = tmp_path / f"{name}.json"
+        shard_dir = str(output_json.parent / "results_shards")
+        arguments = one_setting(metrics_arguments(metrics_assets, outputs[name], "--shard_dir", shard_dir))
+        arguments[arguments.index("--fid_statistics_file") + 1] = stats
+        arguments[arguments.index("--metrics") + 1: arguments.index("--dinov2_model")] = ["fid", "precision",
+                                                                                           "recall", "sfid", "kid"]
+        assert load_cli("evaluate").main(arguments) == 0
+    ours, theirs = (json.loads(outputs[name].read_text())["results"] for name in ("ours", "adm"))
+    assert len(ours) == len(theirs) == 1
+    for mine, other in zip(ours, theirs):
+        assert other["reused_shards"] == 2  # the shards of metrics_run hold every feature set asked for
+        assert other["fid"] == pytest.approx(mine["fid"], abs=1e-6) and mine["fid"] > 10
+        assert other["sfid"] == pytest.approx(mine["sfid"], abs=1e-6)
+        # Features computed from arr_0 equal the stored ones (same images, same Inception) to float rounding.
+        for key in ("improved_precision", "improved_recall", "kid_mean"):
+            assert other[key] == pytest.approx(mine[key], abs=1e-4)
+
+
+def test_rerun_regenerates_shards_lacking_a_new_feature_set(metrics_run, metrics_assets, tmp_path):
+    output_json, _ = metrics_run
+    first = json.loads(output_json.read_text())["results"][0]
+    shard_root = tmp_path / "results_shards"
+    run_dir = shard_root / Path(first["shard_dir"]).name
+    run_dir.mkdir(parents=True)
+    for path in Path(first["shard_dir"]).iterdir():
+        shutil.copy(path, run_dir / path.name)
+    partial = run_dir / "shard-000000-000005.safetensors"
+    before = load_file(partial)
+    save_file({key: value for key, value in before.items() if key != "spatial"}, partial)  # as if made without sFID
+    kept = (run_dir / "shard-000005-000010.safetensors").stat().st_mtime_ns
+    rerun_json = tmp_path / "results.json"
+    arguments = one_setting(metrics_arguments(metrics_assets, rerun_json, "--shard_dir", str(shard_root)))
+    completed = subprocess.run([sys.executable, str(REPO / "pipelines" / "evaluate.py"), *arguments],
+                               env=cli_environment(), capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (second,) = json.loads(rerun_json.read_text())["results"]
+    assert second["shard_dir"] == str(run_dir) and second["reused_shards"] == 1
+    assert (run_dir / "shard-000005-000010.safetensors").stat().st_mtime_ns == kept
+    after = load_file(partial)
+    for key in ("spatial", "dinov2", "features"):
+        torch.testing.assert_close(after[key], before[key], rtol=1e-4, atol=1e-5)
+    for key in ("fid", "sfid", "fd_dinov2", "kid_mean", "improved_precision"):
+        assert second[key] == pytest.approx(first[key], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unknown_metric", "metrics: unknown ['fd_clip']; choose from fid, is, precision"),
+        ("no_features", "lacks ['features'] (or ADM's images arr_0), which precision needs"),
+        ("no_spatial", "lacks ['mu_s', 'sigma_s'], which sfid needs"),
+        ("other_resolution", "was built at 64 px; the pipeline samples at 32 px"),
+        ("adm_other_resolution", "was built at 64 px; the pipeline samples at 32 px"),
+        ("other_layer", "has features (24, 768); expected (N, 2048)"),
+        ("spatial_shapes", "has mu_s (2023,) and sigma_s (768, 768); expected (2023,) and (2023, 2023)"),
+        ("dinov2_width", "has mu_dinov2 (32,) and sigma_dinov2 (32, 32); expected (48,) and (48, 48)"),
+        ("kid_subset", "kid_subset_size 30 is more than the 20 images or the 24 reference images"),
+    ],
+)
+def test_metrics_bad_input_gives_one_line(case, message, metrics_assets, tmp_path, capsys):
+    reference = dict(np.load(metrics_assets["stats"]))
+    metrics = {"unknown_metric": ["fid", "fd_clip"], "no_features": ["fid", "precision"], "no_spatial": ["sfid"],
+               "other_layer": ["kid"], "spatial_shapes": ["sfid"], "dinov2_width": ["fd_dinov2"],
+               "kid_subset": ["kid", "--kid_subset_size", "30"]}.get(case, ["fid"])
+    if case == "no_features":
+        del reference["features"]
+    elif case == "no_spatial":
+        del reference["mu_s"]
+        del reference["sigma_s"]
+    elif case == "other_resolution":
+        reference["resolution"] = np.array(64)
+    elif case == "adm_other_resolution":
+        del reference["resolution"]
+        reference["arr_0"] = np.zeros((2, 64, 64, 3), dtype=np.uint8)
+    elif case == "other_layer":
+        reference["features"] = reference["features"][:, :768]
+    elif case == "spatial_shapes":
+        reference["sigma_s"] = np.eye(768)
+    elif case == "dinov2_width":  # statistics of a narrower DINOv2 than --dinov2_model's
+        reference["mu_dinov2"], reference["sigma_dinov2"] = np.zeros(32), np.eye(32)
+    stats = bad_stats(tmp_path / "reference.npz", **reference)
+    arguments = [*evaluate_arguments(metrics_assets, tmp_path / "results.json"), "--metrics", *metrics,
+                 "--dinov2_model", metrics_assets["dinov2"]]
+    arguments[arguments.index("--fid_statistics_file") + 1] = stats
+    assert load_cli("evaluate").main(arguments) == 1
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and stderr.startswith("error: ") and message in stderr, stderr
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "results.png").exists()
+    assert not (tmp_path / "results_shards").exists()
+
+
+def test_reference_features_are_a_seeded_draw_of_the_images(assets, tmp_path):
+    output = tmp_path / "reference.npz"
+    exit_code = load_cli("compute_reference_stats").main([
+        "--image_folder", assets["reference_dir"], "--resolution", "32", "--output", str(output), "--inception_weights",
+        assets["weights"], "--num_workers", "0", "--metrics", "fid", "precision", "--num_features", "3", "--seed", "1",
+    ])
+    assert exit_code == 0
+    reference = np.load(output)
+    assert sorted(reference.files) == ["features", "mu", "resolution", "sigma"]  # no sFID or DINOv2 arrays unasked
+    assert int(reference["resolution"]) == 32
+    features, _ = load_inception(assets["weights"])(read_pngs(assets["reference_dir"]))
+    drawn = torch.randperm(4, generator=torch.Generator().manual_seed(1))[:3].sort().values
+    np.testing.assert_allclose(reference["features"], features[drawn].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(reference["mu"], features.mean(0).numpy(), rtol=1e-5, atol=1e-6)  # all 4 images

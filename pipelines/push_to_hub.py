@@ -1,54 +1,11 @@
-"""Upload a saved PixelREPAPipeline folder and its model card to the Hugging Face Hub.
+"""Uploads a saved PixelREPAPipeline folder and its model card to the Hugging Face Hub.
 
-Only the card, json configs, safetensors weights and the remote-code modules are uploaded; checkpoints and other
-files in the folder are left out. Example:
-
-    python pipelines/push_to_hub.py --pipeline_dir pixelrepa-b-16 --hub_model_id me/PixelREPA-B-16 \
-        --card_variant PixelREPA-B/16
+The `pixelrepa-push` command of an installed package; its code is pixelrepa_diffusers/commands/push_to_hub.py.
 """
 
-import argparse
 import sys
 
-from huggingface_hub.errors import HfHubHTTPError
-
-from pixelrepa_diffusers.hub import CARD_VARIANTS, push_pipeline_to_hub, render_model_card, variant_card_settings
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pipeline_dir", required=True, help="folder written by PixelREPAPipeline.save_pretrained")
-    parser.add_argument("--hub_model_id", required=True, help="target repo, e.g. <user>/PixelREPA-B-16")
-    parser.add_argument("--private", action="store_true", help="create the repo as private (default: public)")
-    parser.add_argument("--token", default=None, help="Hub token (default: the one saved by `hf auth login`)")
-    parser.add_argument(
-        "--card_variant",
-        default=None,
-        choices=sorted(CARD_VARIANTS),
-        help="upload the card of this official variant, with the paper's figures (default: the folder's README.md)",
-    )
-    parser.add_argument("--commit_message", default="Upload pipeline with pixelrepa-diffusers")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    try:
-        card = None
-        if args.card_variant is not None:
-            card = render_model_card(**variant_card_settings(args.card_variant, args.hub_model_id))
-        url = push_pipeline_to_hub(
-            args.pipeline_dir,
-            args.hub_model_id,
-            card=card,
-            private=args.private,
-            token=args.token,
-            commit_message=args.commit_message,
-        )
-    except (ValueError, ConnectionError, HfHubHTTPError) as error:
-        sys.exit(f"push_to_hub: {' '.join(str(error).split())}")
-    print(url)
-
+from pixelrepa_diffusers.commands.push_to_hub import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """Model cards and Hub publishing for PixelREPA / JiT pipelines."""
 
 import importlib
+import importlib.resources
 import json
 import re
 from pathlib import Path
@@ -10,7 +11,8 @@ from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, Mo
 
 from .transformer_jit import JIT_PRESETS
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
+# The repository's model_cards/ folder, installed as package data (see pyproject.toml).
+TEMPLATE_PATH = Path(str(importlib.resources.files("pixelrepa_diffusers.model_cards") / "template.md"))
 METHODS = ("JiT", "JiT+REPA", "PixelREPA")
 PAPERS = {
     "PixelREPA": ("the PixelREPA paper (arXiv 2603.14366)", "https://arxiv.org/abs/2603.14366"),

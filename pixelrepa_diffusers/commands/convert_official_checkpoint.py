@@ -45,3 +45,7 @@ def main(argv=None) -> int:
     print(f"Wrote a {'training checkpoint' if args.for_training else 'PixelREPAPipeline'} to {args.output_dir}")
     return 0
 
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -74,3 +74,7 @@ def main(argv=None) -> int:
     print(f"Wrote {len(images)} images and grid.png to {args.output_dir}")
     return 0
 
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -49,3 +49,7 @@ def main(argv=None) -> None:
         sys.exit(f"push_to_hub: {' '.join(str(error).split())}")
     print(url)
 
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -40,12 +40,13 @@ from pixelrepa_diffusers.benchmarking import (
 )
 from pixelrepa_diffusers.conversion import rename_official_keys
 from pixelrepa_diffusers.pipeline_pixelrepa import check_precision, precision_context
+from pixelrepa_diffusers.commands import OneLineArgumentParser
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="JiT-B/16", help="JiT preset name")
     parser.add_argument("--pretrained_model_name_or_path", default=None,
                         help="a pipeline folder whose trained transformer replaces --model's random weights")

@@ -22,6 +22,7 @@ from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedul
 
 from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
 from pixelrepa_diffusers.evaluation import image_folder_dataset
+from pixelrepa_diffusers.commands import OneLineArgumentParser
 
 PAPER_SETTING = ("heun", "uniform", 50)
 # diffusers' schedulers in the pipeline, on their own sigma grids (time grid "own"), made from the JiT config.
@@ -34,7 +35,7 @@ DIFFUSERS_SOLVERS = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="A pipeline folder or Hub id.")
     parser.add_argument("--classes", type=int, nargs="+", required=True, help="Class ids to sample.")

@@ -28,10 +28,11 @@ from pixelrepa_diffusers.evaluation import (
     load_inception,
     save_reference,
 )
+from pixelrepa_diffusers.commands import OneLineArgumentParser
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image_folder", help="folder searched recursively for images")
     source.add_argument("--dataset_name", help="Hub dataset id, local dataset repository or save_to_disk folder")

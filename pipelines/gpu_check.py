@@ -27,6 +27,7 @@ from diffusers.models.attention_dispatch import attention_backend
 
 from pixelrepa_diffusers import JiTTransformer2DModel
 from pixelrepa_diffusers.benchmarking import format_bytes
+from pixelrepa_diffusers.commands import OneLineArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 # Backends of diffusers' dispatch worth timing on a Hopper GPU; those whose package or kernel is missing are skipped.
@@ -39,7 +40,7 @@ H100_PEAK_TFLOPS = 989.0
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference_repo", default=None,
                         help="official kaist-cvml/PixelREPA checkout; without it the baselines are our plain ones")
     parser.add_argument("--output_dir", default="gpu_check")

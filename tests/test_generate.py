@@ -1,4 +1,6 @@
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +106,11 @@ def test_generate_path_that_is_neither_folder_nor_repo_id_is_one_line(tmp_path, 
                             "--output_dir", str(tmp_path / "out")])
     assert code == 1
     assert capsys.readouterr().err == "error: No folder /nonexistent exists, and '/nonexistent' is not a Hub repo id.\n"
+
+
+@pytest.mark.parametrize("script", ["generate", "evaluate", "convert_official_checkpoint", "push_to_hub"])
+def test_every_cli_reports_a_bad_flag_in_one_line(script):
+    result = subprocess.run([sys.executable, str(CLI.parent / f"{script}.py"), "--no_such_flag"], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"{script}.py: error: ")

@@ -48,5 +48,8 @@ def test_installed_wheel_converts_generates_and_renders_a_card(tmp_path):
     card = run(venv_bin / "python", "-c", "from pixelrepa_diffusers.hub import render_model_card, variant_card_settings;"
                " print(render_model_card(**variant_card_settings('PixelREPA-H/16', 'u/PixelREPA-H-16')))")
     assert "PixelREPA-H/16" in card and "1.81" in card  # the packaged template, filled with the paper's H/16 FID
-    run(venv_bin / "pixelrepa-evaluate", "--help")
-    run(venv_bin / "pixelrepa-push", "--help")
+    for command in ("pixelrepa-convert", "pixelrepa-generate", "pixelrepa-evaluate", "pixelrepa-push"):
+        run(venv_bin / command, "--help")
+        bad = subprocess.run([venv_bin / command, "--no_such_flag"], cwd=tmp_path, env=environment, capture_output=True,
+                             text=True)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

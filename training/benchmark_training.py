@@ -41,13 +41,14 @@ from pixelrepa_diffusers.benchmarking import (
 from pixelrepa_diffusers.encoders import AlignmentEncoder
 from pixelrepa_diffusers.losses import PixelREPATrainingObjective
 from pixelrepa_diffusers.training_utils import ExponentialMovingAverage
+from pixelrepa_diffusers.commands import OneLineArgumentParser
 
 EMA_DECAYS = (0.9999, 0.9996)
 ADAMW = dict(lr=2.5e-5, betas=(0.9, 0.95), weight_decay=0.0)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="JiT-B/16", help="JiT preset name")
     parser.add_argument("--config_overrides", type=json.loads, default={},
                         help='JSON of JiTTransformer2DModel config overrides, e.g. \'{"num_layers": 2}\'')

@@ -7,12 +7,13 @@ for CPU-sized measurements (e.g. pipelines/benchmark_solvers.py).
     python training/make_shapes_dataset.py --output_dir shapes --resolution 32 --images_per_class 300
 """
 
-import argparse
 import os
 import sys
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from pixelrepa_diffusers.commands import OneLineArgumentParser
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "bar")
 
@@ -57,7 +58,7 @@ def make_shapes_dataset(output_dir: str, resolution: int = 32, images_per_class:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", required=True, help="The image folder to write.")
     parser.add_argument("--resolution", type=int, default=32, help="Image side in pixels.")
     parser.add_argument("--images_per_class", type=int, default=300, help="Images of each shape.")

@@ -17,10 +17,11 @@ import tempfile
 import datasets
 
 from pixelrepa_diffusers.data import check_resolution, crop_to_array, decode_image, load_image_table
+from pixelrepa_diffusers.commands import OneLineArgumentParser
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train_data_dir", default=None, help="An image folder with one subfolder per class.")
     parser.add_argument(
         "--dataset_name", default=None, help="A Hub dataset id, a local dataset repository or a save_to_disk folder."

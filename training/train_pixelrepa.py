@@ -36,6 +36,7 @@ from pixelrepa_diffusers import (
     MaskedTransformerAdapter,
     PixelREPAPipeline,
 )
+from pixelrepa_diffusers.commands import OneLineArgumentParser
 from pixelrepa_diffusers.data import collate_train_batch, load_train_dataset
 from pixelrepa_diffusers.encoders import load_alignment_encoder
 from pixelrepa_diffusers.hub import CARD_VARIANTS, push_pipeline_to_hub, render_model_card
@@ -59,13 +60,6 @@ DEFAULT_ALIGNMENT_WEIGHT = {"pixelrepa": 0.1, "repa": 0.5}
 ALIGNER_FOLDER = {"pixelrepa": "adapter", "repa": "projector"}
 ALIGNER_CLASS = {"pixelrepa": MaskedTransformerAdapter, "repa": REPAProjector}
 METHOD_NAME = {"none": "JiT", "repa": "JiT+REPA", "pixelrepa": "PixelREPA"}
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """Reports a bad command line as one line on stderr."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -1,7 +1,6 @@
 """Converts an official PixelREPA or JiT checkpoint (checkpoint-last.pth, either save format) into a PixelREPAPipeline
 directory, or, with --for_training, into a training checkpoint that continues the official run."""
 
-import argparse
 import sys
 
 from pixelrepa_diffusers.conversion import (
@@ -9,10 +8,11 @@ from pixelrepa_diffusers.conversion import (
     convert_official_checkpoint,
     convert_official_training_checkpoint,
 )
+from pixelrepa_diffusers.commands import OneLineArgumentParser
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = OneLineArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint_path", required=True, help="Official checkpoint-last.pth.")
     parser.add_argument("--output_dir", required=True, help="Where to write the pipeline (safetensors).")
     parser.add_argument("--weights", default="ema1", choices=sorted(WEIGHT_ENTRIES),

@@ -35,6 +35,7 @@ from pixelrepa_diffusers.evaluation import (
     plot_guidance_sweep,
 )
 from pixelrepa_diffusers.pipeline_pixelrepa import check_precision
+from pixelrepa_diffusers.commands import OneLineArgumentParser
 
 
 
@@ -52,7 +53,7 @@ def summary(result: dict, show_interval: bool) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="pipeline folder or Hub id")
     parser.add_argument("--fid_statistics_file", required=True,
                         help="reference npz: ours (pipelines/compute_reference_stats.py; 'mu' and 'sigma' at least) or "

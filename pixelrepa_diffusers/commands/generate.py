@@ -11,12 +11,13 @@ from diffusers.utils import make_image_grid
 
 from pixelrepa_diffusers import PRECISIONS, JiTFlowMatchScheduler, PixelREPAPipeline
 from pixelrepa_diffusers.pipeline_pixelrepa import check_precision
+from pixelrepa_diffusers.commands import OneLineArgumentParser
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="pipeline folder or Hub id")
     parser.add_argument("--class_labels", nargs="+", required=True, help="class ids or names, one image each")
     parser.add_argument("--num_inference_steps", type=int, default=50)

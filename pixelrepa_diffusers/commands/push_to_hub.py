@@ -13,10 +13,11 @@ import sys
 from huggingface_hub.errors import HfHubHTTPError
 
 from pixelrepa_diffusers.hub import CARD_VARIANTS, push_pipeline_to_hub, render_model_card, variant_card_settings
+from pixelrepa_diffusers.commands import OneLineArgumentParser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline_dir", required=True, help="folder written by PixelREPAPipeline.save_pretrained")
     parser.add_argument("--hub_model_id", required=True, help="target repo, e.g. <user>/PixelREPA-B-16")
     parser.add_argument("--private", action="store_true", help="create the repo as private (default: public)")

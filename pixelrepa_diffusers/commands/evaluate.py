@@ -38,7 +38,6 @@ from pixelrepa_diffusers.pipeline_pixelrepa import check_precision
 from pixelrepa_diffusers.commands import OneLineArgumentParser
 
 
-
 def summary(result: dict, show_interval: bool) -> str:
     """One line of a result's metrics."""
     interval = " (interval [{:g}, {:g}])".format(*result["guidance_interval"]) if show_interval else ""
@@ -163,7 +162,6 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
-
 
 
 if __name__ == "__main__":

@@ -51,6 +51,5 @@ def main(argv=None) -> None:
     print(url)
 
 
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,11 +9,16 @@ from diffusers.models.modeling_utils import ModelMixin
 from .transformer_jit import (
     JiTBlock,
     TimestepEmbedder,
-    check_preset,
     init_jit_weights,
+    preset_config,
     rotary_cos_sin,
     swiglu_inner_dim,
 )
+
+
+# The adapter config fields that come from its backbone's config.
+BACKBONE_FIELDS = ("sample_size", "patch_size", "hidden_size", "num_attention_heads", "mlp_ratio", "ff_inner_dim",
+                   "num_classes", "in_context_len")
 
 
 class ProjectionHead(nn.Module):
@@ -77,17 +82,16 @@ class MaskedTransformerAdapter(ModelMixin, ConfigMixin, AttentionMixin):
         init_jit_weights(self)
 
     @classmethod
+    def from_transformer_config(cls, config, out_channels: int, **config_overrides) -> "MaskedTransformerAdapter":
+        """The official adapter of a backbone: 2 blocks with the width, heads, SwiGLU width, grid and classes of
+        `config` (a JiTTransformer2DModel config, or a preset's part of one; absent fields keep the defaults)."""
+        shared = {name: config[name] for name in BACKBONE_FIELDS if name in config}
+        return cls(**{**shared, "out_channels": out_channels, **config_overrides})
+
+    @classmethod
     def from_preset(cls, backbone: str, out_channels: int, **config_overrides) -> "MaskedTransformerAdapter":
-        """The official adapter for a JiT preset name (2 blocks at the backbone's width and heads)."""
-        preset = check_preset(backbone)
-        config = dict(
-            sample_size=preset["sample_size"],
-            patch_size=preset["patch_size"],
-            hidden_size=preset["hidden_size"],
-            num_attention_heads=preset["num_attention_heads"],
-            out_channels=out_channels,
-        )
-        return cls(**{**config, **config_overrides})
+        """The official adapter for a JiT preset name."""
+        return cls.from_transformer_config(preset_config(backbone), out_channels, **config_overrides)
 
     def forward(self, tokens: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         """Tokens (B, N, hidden_size) to features (B, N, out_channels)."""

@@ -163,7 +163,7 @@ class PixelREPAPipeline(DiffusionPipeline):
                 raise ValueError(f"Unknown class name {name!r} in class_labels; see pipeline.labels for valid names.")
         return [self.labels[name] for name in names]
 
-    def check_class_labels(self, class_labels) -> list[int]:
+    def class_label_ids(self, class_labels) -> list[int]:
         """Class labels as a list of ints in [0, num_classes), from ints, names or a 1-D tensor."""
         if isinstance(class_labels, torch.Tensor):
             if class_labels.ndim > 1 or class_labels.is_floating_point():
@@ -205,7 +205,7 @@ class PixelREPAPipeline(DiffusionPipeline):
         `num_inference_steps` against its solver itself.
         """
         check_precision(precision, self.transformer.dtype)
-        batch_size = len(self.check_class_labels(class_labels))
+        batch_size = len(self.class_label_ids(class_labels))
         check_guidance_interval(guidance_interval)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
@@ -263,7 +263,7 @@ class PixelREPAPipeline(DiffusionPipeline):
         guidance_interval = tuple(self.config.guidance_interval if guidance_interval is None else guidance_interval)
         self.check_inputs(class_labels, num_inference_steps, guidance_interval, generator, latents, output_type,
                           callback_on_step_end_tensor_inputs, precision)
-        labels = self.check_class_labels(class_labels)
+        labels = self.class_label_ids(class_labels)
         batch_size = len(labels)
         config = self.transformer.config
         shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)

@@ -28,7 +28,7 @@ JIT_PRESETS = {
 }
 
 
-def check_preset(name: str) -> dict:
+def preset_config(name: str) -> dict:
     """The config kwargs of a JiT preset, or a ValueError listing the known names."""
     if name not in JIT_PRESETS:
         raise ValueError(f"Unknown JiT preset {name!r}; expected one of {sorted(JIT_PRESETS)}.")
@@ -322,7 +322,7 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin):
     @classmethod
     def from_preset(cls, name: str, **config_overrides) -> "JiTTransformer2DModel":
         """A freshly initialised model of a named preset (JiT-B/16, L/16, H/16 at 256 px; B/32, L/32, H/32 at 512 px)."""
-        return cls(**{**check_preset(name), **config_overrides})
+        return cls(**{**preset_config(name), **config_overrides})
 
     def initialize_weights(self) -> None:
         """The official initialisation, so training from scratch matches."""

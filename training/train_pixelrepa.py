@@ -266,11 +266,7 @@ def build_aligner(args, transformer, encoder_width):
             raise ValueError(f"the adapter in {pretrained_adapter} outputs {adapter.config.out_channels} channels but "
                              f"--encoder has width {encoder_width}")
         return adapter
-    return MaskedTransformerAdapter(
-        sample_size=config.sample_size, patch_size=config.patch_size, hidden_size=config.hidden_size,
-        num_attention_heads=config.num_attention_heads, mlp_ratio=config.mlp_ratio, ff_inner_dim=config.ff_inner_dim,
-        num_classes=config.num_classes, in_context_len=config.in_context_len, out_channels=encoder_width,
-    )
+    return MaskedTransformerAdapter.from_transformer_config(config, out_channels=encoder_width)
 
 
 def optimizer_parameter_groups(module, weight_decay):

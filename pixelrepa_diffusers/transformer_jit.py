@@ -110,6 +110,15 @@ class TimestepEmbedder(nn.Module):
         return self.linear_2(F.silu(self.linear_1(features.to(self.linear_1.weight.dtype))))
 
 
+def rotated_qkv(attn: "JiTAttention", hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Query, key and value (B, L, heads, head_dim) of `attn`, the query and key RMS-normed and rotated."""
+    batch, length, _ = hidden_states.shape
+    query, key, value = attn.to_qkv(hidden_states).view(batch, length, 3, attn.heads, -1).unbind(2)
+    query = apply_rotary(attn.norm_q(query), cos[:, None], sin[:, None])
+    key = apply_rotary(attn.norm_k(key), cos[:, None], sin[:, None])
+    return query, key, value
+
+
 class JiTAttnProcessor:
     """
     JiT attention through diffusers' `dispatch_attention_fn`: the backend set by `set_attention_backend`, else
@@ -120,10 +129,7 @@ class JiTAttnProcessor:
     _parallel_config = None
 
     def __call__(self, attn: "JiTAttention", hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        batch, length, width = hidden_states.shape
-        query, key, value = attn.to_qkv(hidden_states).view(batch, length, 3, attn.heads, -1).unbind(2)
-        query = apply_rotary(attn.norm_q(query), cos[:, None], sin[:, None])
-        key = apply_rotary(attn.norm_k(key), cos[:, None], sin[:, None])
+        query, key, value = rotated_qkv(attn, hidden_states, cos, sin)
         hidden_states = dispatch_attention_fn(
             query.to(value.dtype),
             key.to(value.dtype),
@@ -143,14 +149,11 @@ class JiTFP32LogitsAttnProcessor:
     """
 
     def __call__(self, attn: "JiTAttention", hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        batch, length, width = hidden_states.shape
-        query, key, value = attn.to_qkv(hidden_states).view(batch, length, 3, attn.heads, -1).permute(2, 0, 3, 1, 4)
-        query = apply_rotary(attn.norm_q(query), cos, sin)
-        key = apply_rotary(attn.norm_k(key), cos, sin)
+        query, key, value = (x.transpose(1, 2) for x in rotated_qkv(attn, hidden_states, cos, sin))
         with torch.autocast(hidden_states.device.type, enabled=False):
             weights = query.float() @ key.float().transpose(-2, -1) * (1 / math.sqrt(query.shape[-1]))
             weights = F.dropout(weights.softmax(dim=-1), attn.attention_dropout if attn.training else 0.0)
-        hidden_states = (weights.to(value.dtype) @ value).transpose(1, 2).reshape(batch, length, width)
+        hidden_states = (weights.to(value.dtype) @ value).transpose(1, 2).flatten(2, 3)
         return attn.dropout(attn.to_out(hidden_states))
 
 

@@ -58,6 +58,15 @@ KEY_RENAMES = [
 ZIP_MAGIC = b"PK\x03\x04"
 
 
+def pickled_code_refusal(what: str, error: pickle.UnpicklingError) -> ValueError:
+    """The error for a file that `torch.load(weights_only=True)` refused: PyTorch's reason, without its advice to
+    retry with weights_only=False, which runs the file's code."""
+    parts = [part.strip() for part in str(error).split("\n\n")]
+    reason = " ".join(part for part in parts if part and "weights_only" not in part)
+    return ValueError(f"refusing to load {what}: it holds pickled objects outside the weights-only allow-list "
+                      f"({reason})")
+
+
 def load_official_checkpoint(path: str) -> dict:
     """Loads an official PixelREPA or JiT checkpoint without running pickled code; ValueError if it is not one."""
     if not os.path.isfile(path):
@@ -70,10 +79,7 @@ def load_official_checkpoint(path: str) -> dict:
         with torch.serialization.safe_globals(CHECKPOINT_ALLOWED_GLOBALS):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        # PyTorch's message, without its advice to retry with weights_only=False, which runs the file's code.
-        parts = [part.strip() for part in str(error).split("\n\n")]
-        reason = " ".join(part for part in parts if part and "weights_only" not in part)
-        raise ValueError(f"Refusing to load {path!r}: it holds objects outside the allow-list ({reason})") from None
+        raise pickled_code_refusal(repr(path), error) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise ValueError(f"{path!r} is not a readable torch checkpoint (truncated or corrupt): {error}") from None
     required = ("model", "args")

@@ -35,6 +35,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 from transformers import Dinov2Model
 
+from .conversion import pickled_code_refusal
 from .data import IMAGE_EXTENSIONS, center_crop_arr, check_resolution
 from .pipeline_pixelrepa import check_precision
 
@@ -71,8 +72,7 @@ def load_inception(weights_path: str | None = None, device: str | torch.device =
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise ValueError(f"inception_weights {path!r} is not a plain state dict; refusing to load it ({first_line})") from None
+        raise pickled_code_refusal(f"inception_weights {path!r}", error) from None
     inception = FeatureExtractorInceptionV3(
         "inception-v3-compat", INCEPTION_FEATURES, feature_extractor_weights_path=path
     )

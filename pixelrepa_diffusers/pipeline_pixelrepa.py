@@ -12,7 +12,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .scheduling_jit_flow_match import JiTFlowMatchScheduler, in_guidance_interval
+from .scheduling_jit_flow_match import JiTFlowMatchScheduler, check_guidance_interval, in_guidance_interval
 from .transformer_jit import JiTAttnProcessor, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -375,12 +375,6 @@ def uses_jit_scheduler(scheduler) -> bool:
             raise ValueError(f"{name} needs prediction_type in {DIFFUSERS_SCHEDULERS[type(scheduler)]}, got "
                              f"{scheduler.config.prediction_type!r}.")
     return False
-
-
-def check_guidance_interval(guidance_interval) -> None:
-    """Raises ValueError unless guidance_interval is (min, max) with 0 <= min < max <= 1."""
-    if len(guidance_interval) != 2 or not 0 <= guidance_interval[0] < guidance_interval[1] <= 1:
-        raise ValueError(f"guidance_interval must be (min, max) with 0 <= min < max <= 1, got {guidance_interval}.")
 
 
 def check_precision(precision: str, transformer_dtype: torch.dtype) -> None:

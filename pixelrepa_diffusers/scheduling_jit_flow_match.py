@@ -14,6 +14,12 @@ def velocity_from_x_prediction(x_pred: torch.Tensor, sample: torch.Tensor, t: to
     return (x_pred - sample) / (1 - t).clamp_min(t_eps)
 
 
+def check_guidance_interval(guidance_interval) -> None:
+    """Raises ValueError unless guidance_interval is (min, max) with 0 <= min < max <= 1."""
+    if len(guidance_interval) != 2 or not 0 <= guidance_interval[0] < guidance_interval[1] <= 1:
+        raise ValueError(f"guidance_interval must be (min, max) with 0 <= min < max <= 1, got {guidance_interval}.")
+
+
 def in_guidance_interval(times: torch.Tensor, guidance_interval) -> torch.Tensor:
     """Where classifier-free guidance applies: min < t < max, and t >= 0 when min is 0 (the official test)."""
     low, high = guidance_interval

@@ -156,7 +156,7 @@ def bad_checkpoints(tmp_path, official_checkpoint):
 
 
 @pytest.mark.parametrize("kind, message", [("missing", "does not exist"), ("truncated", "truncated or corrupt"),
-                                           ("other", "not an official"), ("evil", "Refusing to load"),
+                                           ("other", "not an official"), ("evil", "refusing to load"),
                                            ("readme", "is not a torch checkpoint")])
 def test_cli_refuses_bad_checkpoints(official_checkpoint, tmp_path, kind, message, capsys):
     path = bad_checkpoints(tmp_path, official_checkpoint)[kind]
@@ -171,7 +171,7 @@ def test_cli_refuses_bad_checkpoints(official_checkpoint, tmp_path, kind, messag
 def test_cli_process_exits_non_zero_without_traceback(official_checkpoint, tmp_path):
     evil = bad_checkpoints(tmp_path, official_checkpoint)["evil"]
     result = run_cli("--checkpoint_path", evil, "--output_dir", tmp_path / "out")
-    assert result.returncode == 1 and "Refusing to load" in result.stderr
+    assert result.returncode == 1 and "refusing to load" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "pwned").exists()
 

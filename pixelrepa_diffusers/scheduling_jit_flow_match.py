@@ -93,7 +93,14 @@ class JiTFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         shift: the "shifted" grid's shift.
     """
 
-    SOLVERS = ("heun", "euler", "multistep2", "multistep3")
+    # The solvers and how model cards name them.
+    SOLVER_LABELS = {
+        "heun": "Heun (Euler on the last step)",
+        "euler": "Euler",
+        "multistep2": "exponential Adams-Bashforth of order 2",
+        "multistep3": "exponential Adams-Bashforth of order 3",
+    }
+    SOLVERS = tuple(SOLVER_LABELS)
     TIME_GRIDS = ("uniform", "guidance", "shifted")
     MULTISTEP_ORDERS = {"multistep2": 2, "multistep3": 3}
     config_name = "scheduler_config.json"

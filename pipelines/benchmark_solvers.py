@@ -22,7 +22,7 @@ from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedul
 
 from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
 from pixelrepa_diffusers.evaluation import image_folder_dataset
-from pixelrepa_diffusers.commands import OneLineArgumentParser
+from pixelrepa_diffusers.commands import OneLineArgumentParser, run_command
 
 PAPER_SETTING = ("heun", "uniform", 50)
 # diffusers' schedulers in the pipeline, on their own sigma grids (time grid "own"), made from the JiT config.
@@ -127,13 +127,8 @@ def plot(results: list[dict], heun_50: dict, path: str, title: str) -> None:
     plt.close(figure)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        pipeline = PixelREPAPipeline.from_pretrained(args.pretrained_model_name_or_path)
-    except (OSError, ValueError) as error:
-        print(f"benchmark_solvers.py: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
+def benchmark(args) -> None:
+    pipeline = PixelREPAPipeline.from_pretrained(args.pretrained_model_name_or_path)
     pipeline.set_progress_bar_config(disable=True)
     config = pipeline.scheduler.config
     guidance_scale = pipeline.config.guidance_scale if args.guidance_scale is None else args.guidance_scale
@@ -194,7 +189,11 @@ def main(argv=None) -> int:
     print(f"Fewest evaluations at that error: {best['evaluations']} ({best['solver']} / {best['time_grid']} / "
           f"{best['steps']} steps, error {best['error']:.4g})")
     print(f"Wrote {args.output_json} and {args.output_plot}")
-    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_command(lambda: benchmark(args), errors=(OSError, ValueError), prog="benchmark_solvers.py")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pixelrepa_diffusers.evaluation import (
     load_inception,
     save_reference,
 )
-from pixelrepa_diffusers.commands import OneLineArgumentParser
+from pixelrepa_diffusers.commands import OneLineArgumentParser, run_command
 
 
 def parse_args(argv=None):
@@ -75,12 +75,7 @@ def compute(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        compute(args)
-    except (ValueError, TypeError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(lambda: compute(args))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pixelrepa_diffusers.commands import OneLineArgumentParser
+from pixelrepa_diffusers.commands import OneLineArgumentParser, run_command
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "bar")
 
@@ -64,13 +64,12 @@ def main(argv=None) -> int:
     parser.add_argument("--images_per_class", type=int, default=300, help="Images of each shape.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of sizes, positions and colors.")
     args = parser.parse_args(argv)
-    try:
-        make_shapes_dataset(args.output_dir, args.resolution, args.images_per_class, args.seed)
-    except (ValueError, OSError) as error:
-        print(f"make_shapes_dataset.py: error: {error}", file=sys.stderr)
-        return 1
+    return run_command(lambda: write_shapes(args), errors=(ValueError, OSError), prog="make_shapes_dataset.py")
+
+
+def write_shapes(args) -> None:
+    make_shapes_dataset(args.output_dir, args.resolution, args.images_per_class, args.seed)
     print(f"Wrote {len(SHAPES)} x {args.images_per_class} images to {args.output_dir}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import tempfile
 import datasets
 
 from pixelrepa_diffusers.data import check_resolution, crop_to_array, decode_image, load_image_table
-from pixelrepa_diffusers.commands import OneLineArgumentParser
+from pixelrepa_diffusers.commands import OneLineArgumentParser, run_command
 
 
 def parse_args(argv=None):
@@ -79,14 +79,16 @@ def prepare_dataset(args):
         return len(prepared), len(table) - len(prepared)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        kept, skipped = prepare_dataset(args)
-    except (ValueError, FileNotFoundError, ConnectionError) as error:
-        sys.exit(f"prepare_dataset.py: error: {error}")
+def prepare_and_report(args) -> None:
+    kept, skipped = prepare_dataset(args)
     print(f"Wrote {kept} images to {args.output_dir}; skipped {skipped} unreadable images.")
 
 
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_command(lambda: prepare_and_report(args), errors=(ValueError, FileNotFoundError, ConnectionError),
+                       prog="prepare_dataset.py")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,6 +2,7 @@
 pixelrepa-push. The scripts in the repository's pipelines/ folder are thin entries to them."""
 
 import argparse
+import sys
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -9,3 +10,14 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def run_command(command, errors: tuple = (ValueError, TypeError, OSError), prog: str | None = None) -> int:
+    """The exit status of `command()`: 0, or 1 after one of `errors`, reported on stderr as the one line
+    `[prog: ]error: <message>`."""
+    try:
+        command()
+    except errors as error:
+        print(f"{prog + ': ' if prog else ''}error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    return 0

@@ -8,7 +8,7 @@ from pixelrepa_diffusers.conversion import (
     convert_official_checkpoint,
     convert_official_training_checkpoint,
 )
-from pixelrepa_diffusers.commands import OneLineArgumentParser
+from pixelrepa_diffusers.commands import OneLineArgumentParser, run_command
 
 
 def parse_args(argv=None):
@@ -30,20 +30,19 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def convert(args) -> None:
+    if args.for_training:
+        convert_official_training_checkpoint(args.checkpoint_path, args.output_dir, model=args.model,
+                                             in_context_start=args.in_context_start)
+    else:
+        convert_official_checkpoint(args.checkpoint_path, args.output_dir, weights=args.weights, model=args.model,
+                                    in_context_start=args.in_context_start, guidance_scale=args.guidance_scale)
+    print(f"Wrote a {'training checkpoint' if args.for_training else 'PixelREPAPipeline'} to {args.output_dir}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        if args.for_training:
-            convert_official_training_checkpoint(args.checkpoint_path, args.output_dir, model=args.model,
-                                                 in_context_start=args.in_context_start)
-        else:
-            convert_official_checkpoint(args.checkpoint_path, args.output_dir, weights=args.weights, model=args.model,
-                                        in_context_start=args.in_context_start, guidance_scale=args.guidance_scale)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"Wrote a {'training checkpoint' if args.for_training else 'PixelREPAPipeline'} to {args.output_dir}")
-    return 0
+    return run_command(lambda: convert(args), errors=(ValueError, TypeError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from pixelrepa_diffusers.evaluation import (
     plot_guidance_sweep,
 )
 from pixelrepa_diffusers.pipeline_pixelrepa import check_precision
-from pixelrepa_diffusers.commands import OneLineArgumentParser
+from pixelrepa_diffusers.commands import OneLineArgumentParser, run_command
 
 
 def summary(result: dict, show_interval: bool) -> str:
@@ -156,12 +156,7 @@ def evaluate(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        evaluate(args)
-    except (ValueError, TypeError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(lambda: evaluate(args))
 
 
 if __name__ == "__main__":

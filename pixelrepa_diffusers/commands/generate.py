@@ -11,7 +11,7 @@ from diffusers.utils import make_image_grid
 
 from pixelrepa_diffusers import PRECISIONS, JiTFlowMatchScheduler, PixelREPAPipeline
 from pixelrepa_diffusers.pipeline_pixelrepa import check_precision
-from pixelrepa_diffusers.commands import OneLineArgumentParser
+from pixelrepa_diffusers.commands import OneLineArgumentParser, run_command
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,29 +42,24 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        check_precision(args.precision, DTYPES[args.dtype])
-        pipe = PixelREPAPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=DTYPES[args.dtype])
-        pipe.to(args.device)
-        if args.compile:
-            pipe.transformer.compile_repeated_blocks(dynamic=False, fullgraph=True)
-        overrides = {name: getattr(args, name) for name in ("solver", "time_grid") if getattr(args, name) is not None}
-        if overrides:
-            pipe.scheduler = JiTFlowMatchScheduler.from_config(pipe.scheduler.config, **overrides)
-        labels = [int(label) if label.isdigit() else label for label in args.class_labels]
-        images = pipe(
-            labels,
-            num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale,
-            guidance_interval=args.guidance_interval,
-            generator=torch.Generator(args.device).manual_seed(args.seed),
-            precision=args.precision,
-        ).images
-    except (ValueError, TypeError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+def generate(args) -> None:
+    check_precision(args.precision, DTYPES[args.dtype])
+    pipe = PixelREPAPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=DTYPES[args.dtype])
+    pipe.to(args.device)
+    if args.compile:
+        pipe.transformer.compile_repeated_blocks(dynamic=False, fullgraph=True)
+    overrides = {name: getattr(args, name) for name in ("solver", "time_grid") if getattr(args, name) is not None}
+    if overrides:
+        pipe.scheduler = JiTFlowMatchScheduler.from_config(pipe.scheduler.config, **overrides)
+    labels = [int(label) if label.isdigit() else label for label in args.class_labels]
+    images = pipe(
+        labels,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        guidance_interval=args.guidance_interval,
+        generator=torch.Generator(args.device).manual_seed(args.seed),
+        precision=args.precision,
+    ).images
     os.makedirs(args.output_dir, exist_ok=True)
     for index, (label, image) in enumerate(zip(args.class_labels, images)):
         image.save(os.path.join(args.output_dir, f"{index:04d}-{label.replace(' ', '_')}.png"))
@@ -73,7 +68,11 @@ def main(argv=None) -> int:
     padded = images + [blank] * (columns * math.ceil(len(images) / columns) - len(images))
     make_image_grid(padded, rows=len(padded) // columns, cols=columns).save(os.path.join(args.output_dir, "grid.png"))
     print(f"Wrote {len(images)} images and grid.png to {args.output_dir}")
-    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_command(lambda: generate(args))
 
 
 if __name__ == "__main__":

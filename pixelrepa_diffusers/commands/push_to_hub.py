@@ -13,7 +13,7 @@ import sys
 from huggingface_hub.errors import HfHubHTTPError
 
 from pixelrepa_diffusers.hub import CARD_VARIANTS, push_pipeline_to_hub, render_model_card, variant_card_settings
-from pixelrepa_diffusers.commands import OneLineArgumentParser
+from pixelrepa_diffusers.commands import OneLineArgumentParser, run_command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,23 +32,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    try:
-        card = None
-        if args.card_variant is not None:
-            card = render_model_card(**variant_card_settings(args.card_variant, args.hub_model_id))
-        url = push_pipeline_to_hub(
-            args.pipeline_dir,
-            args.hub_model_id,
-            card=card,
-            private=args.private,
-            token=args.token,
-            commit_message=args.commit_message,
-        )
-    except (ValueError, ConnectionError, HfHubHTTPError) as error:
-        sys.exit(f"push_to_hub: {' '.join(str(error).split())}")
+def push(args) -> None:
+    card = None
+    if args.card_variant is not None:
+        card = render_model_card(**variant_card_settings(args.card_variant, args.hub_model_id))
+    url = push_pipeline_to_hub(
+        args.pipeline_dir,
+        args.hub_model_id,
+        card=card,
+        private=args.private,
+        token=args.token,
+        commit_message=args.commit_message,
+    )
     print(url)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_command(lambda: push(args), errors=(ValueError, ConnectionError, HfHubHTTPError), prog="push_to_hub")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ from pathlib import Path
 import httpx2
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
+from .alignment import ALIGNMENTS
 from .transformer_jit import JIT_PRESETS
 
 # The repository's model_cards/ folder, installed as package data (see pyproject.toml).
 TEMPLATE_PATH = Path(str(importlib.resources.files("pixelrepa_diffusers.model_cards") / "template.md"))
-METHODS = ("JiT", "JiT+REPA", "PixelREPA")
+METHODS = tuple(method.card_name for method in ALIGNMENTS.values())
 PAPERS = {
     "PixelREPA": ("the PixelREPA paper (arXiv 2603.14366)", "https://arxiv.org/abs/2603.14366"),
     "JiT": ("the JiT paper (arXiv 2511.13720)", "https://arxiv.org/abs/2511.13720"),

@@ -40,7 +40,8 @@ from pixelrepa_diffusers.commands import OneLineArgumentParser
 from pixelrepa_diffusers.data import collate_train_batch, load_train_dataset
 from pixelrepa_diffusers.encoders import load_alignment_encoder
 from pixelrepa_diffusers.hub import CARD_VARIANTS, push_pipeline_to_hub, render_model_card
-from pixelrepa_diffusers.losses import ALIGNMENTS, PixelREPATrainingObjective, REPAProjector
+from pixelrepa_diffusers.alignment import ALIGNMENTS, REPAProjector
+from pixelrepa_diffusers.losses import PixelREPATrainingObjective
 from pixelrepa_diffusers.training_utils import (
     OPTIMIZER_MOMENTS_NAME,
     TRAINING_STATE_NAME,
@@ -106,7 +107,7 @@ def build_parser():
                        help="Recompute block activations in the backward pass to save memory.")
 
     alignment = parser.add_argument_group("representation alignment")
-    alignment.add_argument("--alignment", default="pixelrepa", choices=ALIGNMENTS,
+    alignment.add_argument("--alignment", default="pixelrepa", choices=list(ALIGNMENTS),
                            help="pixelrepa: masked transformer adapter on the tokens after block in_context_start; "
                                 "repa: MLP projector on the tokens after block --repa_depth; none: plain JiT.")
     alignment.add_argument("--encoder", default="facebook/dinov2-base",
@@ -716,7 +717,7 @@ def train(args):
         adapter = None
         if args.alignment == "pixelrepa":
             adapter = unsharded_copy(MaskedTransformerAdapter, aligner_config, submodule_state(state, "aligner."))
-        save_final_outputs(args, ema_transformer, adapter, trained.split, id2label, source, global_step)
+        save_final_outputs(args, ema_transformer, adapter, trained.alignment_depth, id2label, source, global_step)
         logger.info(f"Saved the PixelREPAPipeline (EMA {args.ema_decays[0]}) to {args.output_dir}")
     accelerator.end_training()
 

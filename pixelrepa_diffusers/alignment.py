@@ -117,8 +117,8 @@ class PixelREPAAlignment(Alignment):
         return aligner(torch.where(keep[..., None], hidden, transformer.mask_token), t, labels)
 
     def card_text(self, depth, mask_ratio, encoder, weight):
-        return (f"Masked Transformer Adapter on the tokens after block {depth}, {mask_ratio:.0%} masked, cosine loss to "
-                f"{encoder}, weight {weight}")
+        return (f"Masked Transformer Adapter on the tokens after block {depth}, {mask_ratio:.0%} masked, cosine loss "
+                f"to {encoder}, weight {weight}")
 
 
 # The --alignment choices.

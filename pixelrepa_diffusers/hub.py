@@ -19,10 +19,10 @@ PAPERS = {
     "PixelREPA": ("the PixelREPA paper (arXiv 2603.14366)", "https://arxiv.org/abs/2603.14366"),
     "JiT": ("the JiT paper (arXiv 2511.13720)", "https://arxiv.org/abs/2511.13720"),
 }
-# Official 600-epoch ImageNet checkpoints by (method, backbone), with their names: FID-50K (and IS where published) as the papers report them, and the
-# sampler settings of the authors' evaluation commands (PixelREPA README; JiT README for its pre-trained models):
-# Heun, 50 steps, guidance interval [0.1, 1.0], noise scale 1.0 at 256 px and 2.0 at 512 px. Parameter counts exclude
-# the mask_token.
+# Official 600-epoch ImageNet checkpoints by (method, backbone), with their names: FID-50K (and IS where published)
+# as the papers report them, and the sampler settings of the authors' evaluation commands (PixelREPA README; JiT
+# README for its pre-trained models): Heun, 50 steps, guidance interval [0.1, 1.0], noise scale 1.0 at 256 px and
+# 2.0 at 512 px. Parameter counts exclude the mask_token.
 CARD_VARIANTS = {
     ("PixelREPA", "JiT-B/16"): dict(name="PixelREPA-B/16", params="131M", guidance_scale=3.1, noise_scale=1.0,
                                     fid=3.17, inception_score=284.6),

@@ -266,15 +266,15 @@ class TrainingPlan:
 
 def plan_training(args, num_images, num_classes, num_processes):
     """The run's TrainingPlan: the flags, with the defaults that depend on the data, the processes or the model."""
-    batches_per_epoch = num_images // (args.train_batch_size * num_processes)
-    if batches_per_epoch == 0:
-        raise ValueError(f"--train_batch_size {args.train_batch_size} x {num_processes} processes is more "
-                         f"than the {num_images} training images")
     validation_classes = args.validation_classes
     if validation_classes is None:
         validation_classes = sorted({round(i) for i in np.linspace(0, num_classes - 1, min(8, num_classes))})
     if not all(0 <= class_id < num_classes for class_id in validation_classes):
         raise ValueError(f"--validation_classes must be in [0, {num_classes}), got {validation_classes}")
+    batches_per_epoch = num_images // (args.train_batch_size * num_processes)
+    if batches_per_epoch == 0:
+        raise ValueError(f"--train_batch_size {args.train_batch_size} x {num_processes} processes is more "
+                         f"than the {num_images} training images")
     global_batch_size = args.train_batch_size * num_processes * args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     max_train_steps = args.num_train_epochs * steps_per_epoch if args.max_train_steps is None else args.max_train_steps

@@ -290,11 +290,9 @@ def imagenet_id2label(num_classes: int) -> dict[int, str]:
 
 
 def official_variant(checkpoint: dict, model: str | None = None) -> str | None:
-    """The variant name ("PixelREPA-B/16", "JiT-H/32", ...) of a checkpoint of a JiT preset, else None."""
-    preset_name = model or getattr(checkpoint["args"], "model", None)
-    if preset_name not in JIT_PRESETS:
-        return None
-    return f"{FORMAT_METHODS[checkpoint_format(checkpoint)]}-{preset_name.split('-', 1)[-1]}"
+    """The name ("PixelREPA-B/16", "JiT-H/32", ...) of the released variant a checkpoint is of, else None."""
+    key = (FORMAT_METHODS[checkpoint_format(checkpoint)], model or getattr(checkpoint["args"], "model", None))
+    return CARD_VARIANTS[key]["name"] if key in CARD_VARIANTS else None
 
 
 def convert_official_checkpoint(checkpoint_path: str, output_dir: str, weights: str = "ema1",
@@ -314,7 +312,7 @@ def convert_official_checkpoint(checkpoint_path: str, output_dir: str, weights: 
     method = FORMAT_METHODS[checkpoint_format(checkpoint)]
     variant = official_variant(checkpoint, model)
     repo_id = f"<user>/{os.path.basename(os.path.abspath(output_dir))}"
-    if variant in CARD_VARIANTS:
+    if variant is not None:
         card_settings = variant_card_settings(variant, repo_id=repo_id, weights=weights)
     else:
         card_settings = dict(

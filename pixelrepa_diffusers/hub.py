@@ -9,39 +9,42 @@ from pathlib import Path
 import httpx2
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
+from .alignment import ALIGNMENTS
 from .transformer_jit import JIT_PRESETS
 
 # The repository's model_cards/ folder, installed as package data (see pyproject.toml).
 TEMPLATE_PATH = Path(str(importlib.resources.files("pixelrepa_diffusers.model_cards") / "template.md"))
-METHODS = ("JiT", "JiT+REPA", "PixelREPA")
+METHODS = tuple(method.card_name for method in ALIGNMENTS.values())
 PAPERS = {
     "PixelREPA": ("the PixelREPA paper (arXiv 2603.14366)", "https://arxiv.org/abs/2603.14366"),
     "JiT": ("the JiT paper (arXiv 2511.13720)", "https://arxiv.org/abs/2511.13720"),
 }
-# Official 600-epoch ImageNet checkpoints: FID-50K (and IS where published) as the papers report them, and the
-# sampler settings of the authors' evaluation commands (PixelREPA README; JiT README for its pre-trained models):
-# Heun, 50 steps, guidance interval [0.1, 1.0], noise scale 1.0 at 256 px and 2.0 at 512 px. Parameter counts exclude
-# the mask_token.
+# Official 600-epoch ImageNet checkpoints by (method, backbone), with their names: FID-50K (and IS where published)
+# as the papers report them, and the sampler settings of the authors' evaluation commands (PixelREPA README; JiT
+# README for its pre-trained models): Heun, 50 steps, guidance interval [0.1, 1.0], noise scale 1.0 at 256 px and
+# 2.0 at 512 px. Parameter counts exclude the mask_token.
 CARD_VARIANTS = {
-    "PixelREPA-B/16": dict(method="PixelREPA", backbone="JiT-B/16", params="131M", guidance_scale=3.1,
-                           noise_scale=1.0, fid=3.17, inception_score=284.6),
-    "PixelREPA-L/16": dict(method="PixelREPA", backbone="JiT-L/16", params="459M", guidance_scale=2.8,
-                           noise_scale=1.0, fid=2.11, inception_score=309.5),
-    "PixelREPA-H/16": dict(method="PixelREPA", backbone="JiT-H/16", params="953M", guidance_scale=2.4,
-                           noise_scale=1.0, fid=1.81, inception_score=317.2),
-    "JiT-B/16": dict(method="JiT", backbone="JiT-B/16", params="131M", guidance_scale=3.0,
-                     noise_scale=1.0, fid=3.66, inception_score=275.1),
-    "JiT-L/16": dict(method="JiT", backbone="JiT-L/16", params="459M", guidance_scale=2.4,
-                     noise_scale=1.0, fid=2.36, inception_score=298.5),
-    "JiT-H/16": dict(method="JiT", backbone="JiT-H/16", params="953M", guidance_scale=2.2,
-                     noise_scale=1.0, fid=1.86, inception_score=303.4),
-    "JiT-B/32": dict(method="JiT", backbone="JiT-B/32", params="133M", guidance_scale=3.0,
-                     noise_scale=2.0, fid=4.02, inception_score=None),
-    "JiT-L/32": dict(method="JiT", backbone="JiT-L/32", params="462M", guidance_scale=2.5,
-                     noise_scale=2.0, fid=2.53, inception_score=None),
-    "JiT-H/32": dict(method="JiT", backbone="JiT-H/32", params="956M", guidance_scale=2.3,
-                     noise_scale=2.0, fid=1.94, inception_score=None),
+    ("PixelREPA", "JiT-B/16"): dict(name="PixelREPA-B/16", params="131M", guidance_scale=3.1, noise_scale=1.0,
+                                    fid=3.17, inception_score=284.6),
+    ("PixelREPA", "JiT-L/16"): dict(name="PixelREPA-L/16", params="459M", guidance_scale=2.8, noise_scale=1.0,
+                                    fid=2.11, inception_score=309.5),
+    ("PixelREPA", "JiT-H/16"): dict(name="PixelREPA-H/16", params="953M", guidance_scale=2.4, noise_scale=1.0,
+                                    fid=1.81, inception_score=317.2),
+    ("JiT", "JiT-B/16"): dict(name="JiT-B/16", params="131M", guidance_scale=3.0, noise_scale=1.0,
+                              fid=3.66, inception_score=275.1),
+    ("JiT", "JiT-L/16"): dict(name="JiT-L/16", params="459M", guidance_scale=2.4, noise_scale=1.0,
+                              fid=2.36, inception_score=298.5),
+    ("JiT", "JiT-H/16"): dict(name="JiT-H/16", params="953M", guidance_scale=2.2, noise_scale=1.0,
+                              fid=1.86, inception_score=303.4),
+    ("JiT", "JiT-B/32"): dict(name="JiT-B/32", params="133M", guidance_scale=3.0, noise_scale=2.0,
+                              fid=4.02, inception_score=None),
+    ("JiT", "JiT-L/32"): dict(name="JiT-L/32", params="462M", guidance_scale=2.5, noise_scale=2.0,
+                              fid=2.53, inception_score=None),
+    ("JiT", "JiT-H/32"): dict(name="JiT-H/32", params="956M", guidance_scale=2.3, noise_scale=2.0,
+                              fid=1.94, inception_score=None),
 }
+# The (method, backbone) of each CARD_VARIANTS entry by its name, e.g. "PixelREPA-B/16" -> ("PixelREPA", "JiT-B/16").
+VARIANT_KEYS = {spec["name"]: key for key, spec in CARD_VARIANTS.items()}
 GUIDANCE_INTERVAL = (0.1, 1.0)
 NUM_INFERENCE_STEPS = 50
 # The weights a converted checkpoint can hold, as the card names them; the papers' metrics are of ema1.
@@ -161,47 +164,89 @@ def render_model_card(
     )
 
 
+def training_recipe(
+    *,
+    data: str,
+    optimizer: str,
+    learning_rate: str,
+    p_mean: float,
+    p_std: float,
+    t_eps: float,
+    noise_scale: float,
+    label_dropout: str,
+    ema: str,
+    precision: str,
+    epochs: str | None = None,
+    steps: str | None = None,
+    dropout: str | None = None,
+    alignment: str | None = None,
+) -> dict:
+    """The training-recipe table of a model card (setting -> value); the run's length in `epochs` or `steps`."""
+    if (epochs is None) == (steps is None):
+        raise ValueError("pass exactly one of epochs and steps.")
+    recipe = {"Data": data}
+    recipe.update({"Epochs": epochs} if steps is None else {"Steps": steps})
+    recipe.update({
+        "Optimizer": optimizer,
+        "Learning rate": learning_rate,
+        "Diffusion": f"x-prediction with v-loss; t = sigmoid(N({p_mean}, {p_std}^2)); t_eps {t_eps}; "
+                     f"noise scale {noise_scale}",
+        "Label dropout": label_dropout,
+    })
+    if dropout is not None:
+        recipe["Dropout"] = dropout
+    recipe.update({"EMA": ema, "Precision": precision})
+    if alignment is not None:
+        recipe["Alignment"] = alignment
+    return recipe
+
+
 def paper_recipe(method: str, backbone: str) -> dict:
     """The official 600-epoch ImageNet training recipe of a variant, as a card table."""
     resolution = JIT_PRESETS[backbone]["sample_size"]
-    noise_scale = {256: 1.0, 512: 2.0}[resolution]
     dropout = "0"
     if backbone == "JiT-H/16":
         dropout = "projection dropout 0.2 on the middle half of the blocks"
     elif backbone == "JiT-H/32":
         dropout = "as in the checkpoint's args (the JiT README gives projection dropout 0.2 for JiT-H/16 only)"
-    recipe = {
-        "Data": f"ImageNet-1k train, ADM center crop to {resolution} px, random horizontal flip, pixels in [-1, 1]",
-        "Epochs": "600 (8 GPUs, global batch 1024)",
-        "Optimizer": "AdamW, betas (0.9, 0.95), weight decay 0, no gradient clipping",
-        "Learning rate": "2e-4 (base 5e-5 x 1024 / 256), 5 linear warm-up epochs, then constant",
-        "Diffusion": f"x-prediction with v-loss; t = sigmoid(N(-0.8, 0.8^2)); t_eps 0.05; noise scale {noise_scale}",
-        "Label dropout": "0.1 (null class for guidance)",
-        "Dropout": dropout,
-        "EMA": "0.9999 and 0.9996",
-        "Precision": "bf16 autocast",
-    }
+    alignment = None
     if method == "PixelREPA":
-        recipe["Alignment"] = (
+        alignment = (
             "Masked Transformer Adapter (2 JiT blocks) on the backbone's tokens after block "
             f"{JIT_PRESETS[backbone]['in_context_start']}, 20% of tokens masked, cosine loss to frozen DINOv2 "
             "ViT-B/14 patch tokens, weight 0.1"
         )
-    return recipe
+    return training_recipe(
+        data=f"ImageNet-1k train, ADM center crop to {resolution} px, random horizontal flip, pixels in [-1, 1]",
+        epochs="600 (8 GPUs, global batch 1024)",
+        optimizer="AdamW, betas (0.9, 0.95), weight decay 0, no gradient clipping",
+        learning_rate="2e-4 (base 5e-5 x 1024 / 256), 5 linear warm-up epochs, then constant",
+        p_mean=-0.8,
+        p_std=0.8,
+        t_eps=0.05,
+        noise_scale={256: 1.0, 512: 2.0}[resolution],
+        label_dropout="0.1 (null class for guidance)",
+        dropout=dropout,
+        ema="0.9999 and 0.9996",
+        precision="bf16 autocast",
+        alignment=alignment,
+    )
 
 
 def variant_card_settings(variant: str, repo_id: str, weights: str = "ema1") -> dict:
     """
-    `render_model_card` settings for a converted official checkpoint of a `CARD_VARIANTS` entry, holding `weights`
-    (ema1, ema2 or model); the papers' metrics are shown only for ema1, the weights they were measured with.
+    `render_model_card` settings for a converted official checkpoint of the `CARD_VARIANTS` entry named `variant`,
+    holding `weights` (ema1, ema2 or model); the papers' metrics are shown only for ema1, the weights they were
+    measured with.
     """
-    if variant not in CARD_VARIANTS:
-        raise ValueError(f"Unknown card variant {variant!r}; expected one of {sorted(CARD_VARIANTS)}.")
+    if variant not in VARIANT_KEYS:
+        raise ValueError(f"Unknown card variant {variant!r}; expected one of {sorted(VARIANT_KEYS)}.")
     if weights not in WEIGHTS_DESCRIPTIONS:
         raise ValueError(f"weights must be one of {sorted(WEIGHTS_DESCRIPTIONS)}, got {weights!r}.")
-    spec = CARD_VARIANTS[variant]
-    paper_name, paper_url = PAPERS[spec["method"]]
-    resolution = JIT_PRESETS[spec["backbone"]]["sample_size"]
+    method, backbone = VARIANT_KEYS[variant]
+    spec = CARD_VARIANTS[method, backbone]
+    paper_name, paper_url = PAPERS[method]
+    resolution = JIT_PRESETS[backbone]["sample_size"]
     metrics = {}
     if weights == "ema1":
         metrics = dict(
@@ -214,9 +259,9 @@ def variant_card_settings(variant: str, repo_id: str, weights: str = "ema1") -> 
     return dict(
         model_name=variant,
         repo_id=repo_id,
-        method=spec["method"],
-        architecture={**JIT_PRESETS[spec["backbone"]], "num_classes": 1000},
-        training=paper_recipe(spec["method"], spec["backbone"]),
+        method=method,
+        architecture={**JIT_PRESETS[backbone], "num_classes": 1000},
+        training=paper_recipe(method, backbone),
         weights_source=(
             f"The weights ({spec['params']} parameters) are the authors' official 600-epoch checkpoint "
             f"({WEIGHTS_DESCRIPTIONS[weights]}), converted to diffusers format with pixelrepa-diffusers."
@@ -233,7 +278,7 @@ def variant_card_settings(variant: str, repo_id: str, weights: str = "ema1") -> 
 def write_variant_cards(directory: str | Path = TEMPLATE_PATH.parent) -> list[Path]:
     """Renders the card of every `CARD_VARIANTS` entry to `<directory>/<variant>.md` (the copies in model_cards/)."""
     paths = []
-    for variant in CARD_VARIANTS:
+    for variant in VARIANT_KEYS:
         path = Path(directory) / f"{variant.replace('/', '-')}.md"
         render_model_card(**variant_card_settings(variant, f"<user>/{path.stem}")).save(path)
         paths.append(path)

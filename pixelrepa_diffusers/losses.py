@@ -5,12 +5,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
 
+from .alignment import ALIGNMENTS
 from .scheduling_jit_flow_match import velocity_from_x_prediction
-
-ALIGNMENTS = ("none", "repa", "pixelrepa")
 
 
 @dataclass
@@ -56,29 +53,12 @@ def alignment_loss(features: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return (1 - F.cosine_similarity(features, targets, dim=-1)).mean()
 
 
-class REPAProjector(ModelMixin, ConfigMixin):
-    """REPA's 3-layer MLP (SiLU) from backbone tokens to the alignment encoder's width."""
-
-    @register_to_config
-    def __init__(self, hidden_size: int = 768, projector_dim: int = 2048, out_channels: int = 768):
-        super().__init__()
-        self.linear_1 = nn.Linear(hidden_size, projector_dim)
-        self.linear_2 = nn.Linear(projector_dim, projector_dim)
-        self.linear_3 = nn.Linear(projector_dim, out_channels)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.linear_3(F.silu(self.linear_2(F.silu(self.linear_1(tokens)))))
-
-
 class PixelREPATrainingObjective(nn.Module):
     """
-    The training loss of a JiT transformer, with optional representation alignment:
-
-    - "none": JiT's v-loss of an x-prediction at logit-normal time, with label dropout.
-    - "pixelrepa": the first `in_context_start` blocks run once; their tokens feed both the rest of the backbone
-      and, with a random `mask_ratio` of them replaced by the backbone's mask token, the masked adapter, whose
-      output is aligned to the frozen encoder's patch tokens.
-    - "repa": an MLP projector reads the image tokens after block `repa_depth` and is aligned the same way.
+    The training loss of a JiT transformer: JiT's v-loss of an x-prediction at logit-normal time, with label dropout,
+    plus the weighted cosine loss of a representation-alignment method of `ALIGNMENTS` ("none", "repa", "pixelrepa").
+    The first `alignment_depth` blocks run once; their tokens feed both the rest of the backbone and the method's
+    aligner, whose output is aligned to the frozen encoder's patch tokens.
 
     The alignment targets (the frozen encoder's patch tokens) are computed by the caller, so the encoder stays out of
     the trained, sharded and checkpointed module.
@@ -102,19 +82,15 @@ class PixelREPATrainingObjective(nn.Module):
     ):
         super().__init__()
         if alignment not in ALIGNMENTS:
-            raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}.")
+            raise ValueError(f"alignment must be one of {tuple(ALIGNMENTS)}, got {alignment!r}.")
         if (alignment == "none") != (aligner is None):
             raise ValueError(f"aligner must be given exactly when alignment is not 'none' (alignment={alignment!r}).")
-        num_layers, in_context_start = transformer.config.num_layers, transformer.config.in_context_start
-        split = in_context_start if alignment != "repa" or repa_depth is None else repa_depth
-        if alignment == "repa" and not 1 <= split <= num_layers:
-            raise ValueError(f"repa_depth must be in [1, num_layers={num_layers}], got {split}.")
         self.transformer = transformer
-        self.alignment = alignment
+        self.method = ALIGNMENTS[alignment]
         self.aligner = aligner
         self.alignment_weight = alignment_weight
         self.mask_ratio = mask_ratio
-        self.split = split
+        self.alignment_depth = self.method.alignment_depth(transformer.config, repa_depth)
         self.label_dropout = label_dropout
         self.p_mean = p_mean
         self.p_std = p_std
@@ -138,11 +114,11 @@ class PixelREPATrainingObjective(nn.Module):
         Returns:
             {"loss": total, "loss_jit": v-loss, "loss_alignment": cosine loss (0 without alignment)}.
         """
-        if self.alignment != "none" and targets is None:
-            raise ValueError(f"targets (the encoder's patch tokens) are needed with alignment {self.alignment!r}.")
+        if self.aligner is not None and targets is None:
+            raise ValueError(f"targets (the encoder's patch tokens) are needed with alignment {self.method.name!r}.")
         transformer = self.transformer
         if draws is None:
-            draws = draw_training_randomness(images, transformer.num_patches, self.alignment == "pixelrepa")
+            draws = draw_training_randomness(images, transformer.num_patches, self.method.masks_tokens)
         labels = drop_labels(class_labels, draws.label_drop_uniform, self.label_dropout, transformer.config.num_classes)
         t = logit_normal_time(draws.t_normal, self.p_mean, self.p_std)
         noise = draws.noise * self.noise_scale
@@ -151,20 +127,15 @@ class PixelREPATrainingObjective(nn.Module):
 
         conditioning, label_embedding = transformer.embed_conditions(t, labels)
         tokens = transformer.embed_patches(noisy)
-        hidden = transformer.run_blocks(tokens, conditioning, label_embedding, 0, self.split)
+        hidden = transformer.run_blocks(tokens, conditioning, label_embedding, 0, self.alignment_depth)
         num_layers = transformer.config.num_layers
-        tokens = transformer.run_blocks(hidden, conditioning, label_embedding, self.split, num_layers)
+        tokens = transformer.run_blocks(hidden, conditioning, label_embedding, self.alignment_depth, num_layers)
         x_pred = transformer.unembed(tokens, conditioning)
         loss_jit = velocity_loss(x_pred, images, noisy, t, self.t_eps)
-        if self.alignment == "none":
+        if self.aligner is None:
             return {"loss": loss_jit, "loss_jit": loss_jit, "loss_alignment": torch.zeros_like(loss_jit)}
 
-        if self.alignment == "pixelrepa":
-            keep = draws.mask_uniform > self.mask_ratio
-            masked = torch.where(keep[..., None], hidden, transformer.mask_token)
-            features = self.aligner(masked, t, labels)
-        else:
-            features = self.aligner(hidden[:, -transformer.num_patches :])
+        features = self.method.features(self.aligner, transformer, hidden, t, labels, draws, self.mask_ratio)
         loss_alignment = alignment_loss(features, targets)
         loss = loss_jit + self.alignment_weight * loss_alignment
         return {"loss": loss, "loss_jit": loss_jit, "loss_alignment": loss_alignment}

@@ -1,13 +1,20 @@
-"""Training helpers: exponential moving averages (FSDP2-aware) and atomic, pruned checkpoint folders."""
+"""Training helpers: exponential moving averages (FSDP2-aware), atomic, pruned checkpoint folders of diffusers model
+folders, and the loss meter."""
 
+import json
 import os
+import pickle
 import re
 import shutil
 
 import numpy as np
 import torch
+from accelerate import init_empty_weights
+from accelerate.utils import load
 from PIL import Image
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from .transformer_jit import JiTTransformer2DModel
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TEMPORARY_PREFIX = ".tmp-checkpoint-"
@@ -77,6 +84,162 @@ def read_model_folder(model_class, config, folder: str, what: str) -> dict[str, 
     if differences:
         raise ValueError(f"{what} in {folder} has another config than this run (saved, run): {differences}")
     return saved.state_dict()
+
+
+def unsharded_copy(model_class, config, state_dict):
+    """A plain, frozen `model_class` with `config` that holds the full `state_dict` (e.g. gathered from FSDP shards)."""
+    with init_empty_weights():
+        model = model_class.from_config(config)
+    model.load_state_dict(state_dict, assign=True)
+    return model.requires_grad_(False).eval()
+
+
+def submodule_state(state_dict: dict, prefix: str) -> dict:
+    """The entries of `state_dict` under `prefix`, without it."""
+    return {name[len(prefix):]: value for name, value in state_dict.items() if name.startswith(prefix)}
+
+
+def read_run_state(checkpoint: str, alignment: str, ema_decays: list[float]) -> dict:
+    """The training_state.json of a checkpoint, refused when it was saved with another alignment or EMA decays."""
+    with open(os.path.join(checkpoint, TRAINING_STATE_NAME)) as file:
+        state = json.load(file)
+    if state["alignment"] != alignment or state["ema_decays"] != ema_decays:
+        raise ValueError(f"{checkpoint} was saved with --alignment {state['alignment']} --ema_decays "
+                         f"{' '.join(map(str, state['ema_decays']))}; resume with the same flags")
+    return state
+
+
+def load_model_folders(input_dir: str, trained, emas: list, transformer_config) -> None:
+    """
+    Loads a checkpoint's transformer and aligner into `trained` (a PixelREPATrainingObjective; skipped when None)
+    and its EMAs.
+    """
+    if trained is not None:
+        folder = os.path.join(input_dir, "transformer")
+        load_into(trained.transformer, read_model_folder(JiTTransformer2DModel, transformer_config, folder,
+                                                         "transformer"), "transformer")
+        if trained.aligner is not None:
+            method = trained.method
+            load_into(trained.aligner, read_model_folder(method.aligner_class, trained.aligner.config,
+                                                         os.path.join(input_dir, method.folder), method.folder),
+                      method.folder)
+    for index, ema in enumerate(emas, start=1):
+        ema.load_full_state_dict(read_model_folder(JiTTransformer2DModel, transformer_config,
+                                                   os.path.join(input_dir, f"ema_{index}"), f"ema_{index}"))
+
+
+class TrainingCheckpointer:
+    """
+    Saves and resumes a run with accelerate's save_state / load_state, whose hooks write the trained transformer,
+    its aligner and the EMAs as diffusers folders (full tensors, also under FSDP2) with the step and skipped image
+    count in training_state.json, and read them back.
+    """
+
+    def __init__(self, accelerator, trained, emas: list):
+        self.accelerator = accelerator
+        self.trained = trained  # the unwrapped PixelREPATrainingObjective
+        self.emas = emas
+        self.global_step = 0
+        self.skipped_images = 0
+        accelerator.register_save_state_pre_hook(self.save_model_hook)
+        accelerator.register_load_state_pre_hook(self.load_model_hook)
+
+    def save(self, output_dir: str, global_step: int, skipped_images: int, total_limit: int | None) -> str:
+        """Writes `checkpoint-<global_step>` (see save_checkpoint); returns its path."""
+        self.global_step, self.skipped_images = global_step, skipped_images
+        return save_checkpoint(self.accelerator, output_dir, global_step, total_limit)
+
+    def resume(self, checkpoint: str) -> None:
+        """Restores the run saved in `checkpoint`, refusing pickled objects outside the weights-only allow-list."""
+        try:
+            self.accelerator.load_state(checkpoint)
+        except pickle.UnpicklingError as error:
+            raise ValueError(f"refusing to load {checkpoint}: it holds pickled objects outside the weights-only "
+                             f"allow-list ({str(error).strip().splitlines()[0]})") from None
+
+    def save_model_hook(self, models, weights, output_dir):
+        trained, config = self.trained, self.trained.transformer.config
+        state = self.accelerator.get_state_dict(models[0])  # full tensors; collectives under FSDP, as are the EMAs'
+        ema_states = [ema.full_state_dict() for ema in self.emas]
+        if self.accelerator.is_main_process:
+            unsharded_copy(JiTTransformer2DModel, config, submodule_state(state, "transformer.")).save_pretrained(
+                os.path.join(output_dir, "transformer"))
+            if trained.aligner is not None:
+                unsharded_copy(trained.method.aligner_class, trained.aligner.config,
+                               submodule_state(state, "aligner.")).save_pretrained(
+                    os.path.join(output_dir, trained.method.folder))
+            for index, ema_state in enumerate(ema_states, start=1):
+                unsharded_copy(JiTTransformer2DModel, config, ema_state).save_pretrained(
+                    os.path.join(output_dir, f"ema_{index}"))
+            run_state = {"global_step": self.global_step, "skipped_images": self.skipped_images,
+                         "alignment": trained.method.name, "ema_decays": [ema.decay for ema in self.emas]}
+            with open(os.path.join(output_dir, TRAINING_STATE_NAME), "w") as file:
+                json.dump(run_state, file, indent=2)
+        if weights:  # accelerate's own copy of the models; under FSDP it writes its model shards instead
+            weights.pop()
+
+    def load_model_hook(self, models, input_dir):
+        accelerator = self.accelerator
+        # accelerate ignores RNG states it cannot read (weights-only); an inexact resume must fail instead.
+        load(os.path.join(input_dir, f"random_states_{accelerator.process_index}.pkl"))
+        # under FSDP, accelerate has restored the model from its shards and passes no models
+        unwrapped = accelerator.unwrap_model(models.pop()) if models else None
+        load_model_folders(input_dir, unwrapped, self.emas, self.trained.transformer.config)
+        run_state = read_run_state(input_dir, self.trained.method.name, [ema.decay for ema in self.emas])
+        self.global_step, self.skipped_images = run_state["global_step"], run_state["skipped_images"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class LossMeter:
+    """
+    The loss terms summed on the device between logging steps, the first step with a non-finite loss, and the
+    unreadable images skipped. Only check_finite, means and skipped sync with the host; every process calls them.
+    """
+
+    NAMES = ("loss", "loss_jit", "loss_alignment")
+
+    def __init__(self, accelerator, skipped_images: int = 0):
+        self.accelerator = accelerator
+        self.sums = torch.zeros(len(self.NAMES), device=accelerator.device)
+        self.count = torch.zeros((), device=accelerator.device)
+        self.first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)
+        self.skipped_images = skipped_images  # over all processes, up to the last call of skipped()
+        self.skipped_here = 0  # by this process since then
+
+    def add(self, losses: dict[str, torch.Tensor], step: int) -> None:
+        """Adds the loss terms of a batch of optimizer step `step`."""
+        self.sums += torch.stack([losses[name].detach().float() for name in self.NAMES])
+        self.count += 1
+        bad = ~torch.isfinite(losses["loss"].detach()) & (self.first_nonfinite_step < 0)
+        self.first_nonfinite_step = torch.where(bad, step, self.first_nonfinite_step)
+
+    def skip(self, count: int) -> None:
+        """Counts `count` unreadable images left out of this process's batch."""
+        self.skipped_here += count
+
+    def check_finite(self, last_checkpoint: str | None) -> None:
+        """Raises NonFiniteLossError naming the first step of any process with a non-finite loss."""
+        step = self.accelerator.reduce(self.first_nonfinite_step.clone(), reduction="max").item()
+        if step >= 0:
+            raise NonFiniteLossError(f"the loss is not finite at step {step}; stopped, the last good checkpoint is "
+                                     f"{last_checkpoint or 'none'}")
+
+    def means(self) -> dict[str, float]:
+        """The loss terms averaged over batches and processes since the last call."""
+        means = self.accelerator.reduce(self.sums / self.count, reduction="mean").tolist()
+        self.sums.zero_()
+        self.count.zero_()
+        return dict(zip(self.NAMES, means))
+
+    def skipped(self) -> int:
+        """The unreadable images skipped by all processes so far."""
+        here = torch.tensor(self.skipped_here, device=self.accelerator.device)
+        self.skipped_images += self.accelerator.reduce(here, reduction="sum").item()
+        self.skipped_here = 0
+        return self.skipped_images
 
 
 def load_adamw_moments(optimizer: torch.optim.Optimizer, module: torch.nn.Module, moments: dict) -> None:

@@ -29,6 +29,7 @@ from pixelrepa_diffusers.training_utils import (
     TRAINING_STATE_NAME,
     ExponentialMovingAverage,
     load_adamw_moments,
+    load_model_folders,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,11 +102,11 @@ def test_one_step_from_an_official_checkpoint_equals_the_official_step(converted
     optimizer = torch.optim.AdamW(train_pixelrepa.optimizer_parameter_groups(objective, 0.0), lr=args.lr,
                                   betas=(0.9, 0.95), eps=1e-8, fused=True)
     steps_per_epoch = int(metadata["steps_per_epoch"])
-    schedule = argparse.Namespace(lr_scheduler="constant_with_warmup", lr_warmup_steps=args.warmup_epochs *
-                                  steps_per_epoch, max_train_steps=args.epochs * steps_per_epoch)
     start_step = (int(metadata["epoch"]) + 1) * steps_per_epoch
-    lr_scheduler = train_pixelrepa.build_lr_scheduler(schedule, optimizer, 1, start_step)
-    train_pixelrepa.load_model_folders(converted, objective, emas, config, "pixelrepa")
+    lr_scheduler = train_pixelrepa.build_lr_scheduler("constant_with_warmup", optimizer,
+                                                      args.warmup_epochs * steps_per_epoch,
+                                                      args.epochs * steps_per_epoch, 1, start_step)
+    load_model_folders(converted, objective, emas, config)
     load_adamw_moments(optimizer, objective, load_file(converted / OPTIMIZER_MOMENTS_NAME))
     assert optimizer.param_groups[0]["lr"] == pytest.approx(float(metadata["lr"]), rel=1e-12)  # no second warm-up
 

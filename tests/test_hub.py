@@ -24,6 +24,7 @@ from pixelrepa_diffusers.hub import (
     push_pipeline_to_hub,
     remote_code_files,
     render_model_card,
+    training_recipe,
     write_variant_cards,
 )
 from pixelrepa_diffusers.transformer_jit import JIT_PRESETS
@@ -135,13 +136,14 @@ def test_variant_cards_are_rendered_from_the_template_and_parse(tmp_path):
             f"model_cards/{path.name} is stale; regenerate with "
             "`python -c 'from pixelrepa_diffusers.hub import write_variant_cards; write_variant_cards()'`"
         )
-    for variant, spec in CARD_VARIANTS.items():
+    for (method, backbone), spec in CARD_VARIANTS.items():
+        variant = spec["name"]
         card = ModelCard.load(REPO / "model_cards" / f"{variant.replace('/', '-')}.md")
         assert card.data.library_name == "diffusers"
         assert card.data.pipeline_tag == "unconditional-image-generation"
         assert card.data.license == "mit"
         assert card.data.datasets == ["imagenet-1k"]
-        assert card.data.model_name == variant
+        assert card.data.model_name == variant and method.lower() in card.data.tags
         metrics = {result.metric_type: result.metric_value for result in card.data.eval_results}
         published = {"fid": spec["fid"], "inception_score": spec["inception_score"]}
         assert metrics == {key: value for key, value in published.items() if value is not None}
@@ -149,11 +151,32 @@ def test_variant_cards_are_rendered_from_the_template_and_parse(tmp_path):
         assert all(result.source_name.startswith("as reported by the") for result in card.data.eval_results)
         assert f"| Classifier-free guidance scale | {spec['guidance_scale']} |" in card.text
         assert "50 steps" in card.text and "applied for 0.1 < t < 1.0" in card.text
-        resolution = JIT_PRESETS[spec["backbone"]]["sample_size"]
+        resolution = JIT_PRESETS[backbone]["sample_size"]
         assert f"{resolution}x{resolution} images" in card.text and f"jit_in{resolution}_stats.npz" in card.text
         assert f"| Initial noise scale | {spec['noise_scale']} |" in card.text
         assert f"noise scale {spec['noise_scale']}" in card.text and "official 600-epoch checkpoint" in card.text
         assert "@misc{shin2026pixelrepa" in card.text and "@article{li2025jit" in card.text
+
+
+def test_variants_are_keyed_by_method_and_backbone():
+    assert CARD_VARIANTS["PixelREPA", "JiT-B/16"]["name"] == "PixelREPA-B/16"
+    assert CARD_VARIANTS["JiT", "JiT-H/32"]["name"] == "JiT-H/32"
+    assert {method for method, _ in CARD_VARIANTS} == {"PixelREPA", "JiT"}
+    assert all(backbone in JIT_PRESETS for _, backbone in CARD_VARIANTS)
+
+
+def test_training_recipe_takes_the_length_in_epochs_or_steps():
+    common = dict(data="d", optimizer="o", learning_rate="l", p_mean=-0.8, p_std=0.8, t_eps=0.05, noise_scale=2.0,
+                  label_dropout="0.1", ema="e", precision="p")
+    recipe = training_recipe(**common, steps="7", alignment="a")
+    assert list(recipe) == ["Data", "Steps", "Optimizer", "Learning rate", "Diffusion", "Label dropout", "EMA",
+                            "Precision", "Alignment"]
+    assert recipe["Diffusion"] == "x-prediction with v-loss; t = sigmoid(N(-0.8, 0.8^2)); t_eps 0.05; noise scale 2.0"
+    assert list(training_recipe(**common, epochs="600", dropout="0"))[1:] == [
+        "Epochs", "Optimizer", "Learning rate", "Diffusion", "Label dropout", "Dropout", "EMA", "Precision"]
+    for length in ({}, dict(epochs="1", steps="2")):
+        with pytest.raises(ValueError, match="exactly one of epochs and steps"):
+            training_recipe(**common, **length)
 
 
 def test_card_of_a_trained_model_without_metrics_parses():

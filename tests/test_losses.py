@@ -5,10 +5,10 @@ import torch
 
 from official_fixtures import load_fixture, official_state, relative_error, small_transformer_config
 from pixelrepa_diffusers import JiTTransformer2DModel, MaskedTransformerAdapter
+from pixelrepa_diffusers.alignment import ALIGNMENTS, REPAProjector
 from pixelrepa_diffusers.conversion import rename_official_keys
 from pixelrepa_diffusers.losses import (
     PixelREPATrainingObjective,
-    REPAProjector,
     TrainingDraws,
     alignment_loss,
     draw_training_randomness,
@@ -147,3 +147,39 @@ def test_alignment_without_targets_is_refused():
     objective, tensors = official_objective()
     with pytest.raises(ValueError, match="targets .* are needed with alignment 'pixelrepa'"):
         objective(tensors["input.x"], tensors["input.y"], draws=fixture_draws(tensors))
+
+
+def test_each_alignment_method_owns_its_defaults_folder_and_card_name():
+    assert list(ALIGNMENTS) == ["none", "repa", "pixelrepa"]
+    assert {name: (method.card_name, method.default_weight, method.folder, method.masks_tokens)
+            for name, method in ALIGNMENTS.items()} == {
+        "none": ("JiT", None, None, False),
+        "repa": ("JiT+REPA", 0.5, "projector", False),
+        "pixelrepa": ("PixelREPA", 0.1, "adapter", True),
+    }
+    assert [name for name, method in ALIGNMENTS.items() if method.exports_aligner] == ["pixelrepa"]
+
+
+def test_aligners_are_built_from_the_backbone_config_and_encoder_width(tmp_path):
+    objective, _ = official_objective(alignment="none")
+    config = objective.transformer.config
+    assert ALIGNMENTS["none"].build_aligner(config, 48, 32, None) is None
+    projector = ALIGNMENTS["repa"].build_aligner(config, 48, 32, None)
+    assert isinstance(projector, REPAProjector) and dict(projector.config).items() >= {
+        "hidden_size": config.hidden_size, "projector_dim": 32, "out_channels": 48}.items()
+    adapter = ALIGNMENTS["pixelrepa"].build_aligner(config, 48, 32, None)
+    assert adapter.config.out_channels == 48 and adapter.config.hidden_size == config.hidden_size
+    adapter.save_pretrained(tmp_path / "adapter")
+    pretrained = ALIGNMENTS["pixelrepa"].build_aligner(config, 48, 32, str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(adapter.state_dict().values(), pretrained.state_dict().values()))
+    with pytest.raises(ValueError, match="outputs 48 channels but --encoder has width 32"):
+        ALIGNMENTS["pixelrepa"].build_aligner(config, 32, 32, str(tmp_path))
+
+
+@pytest.mark.parametrize("alignment, depth", [("none", 2), ("pixelrepa", 2), ("repa", 3)])
+def test_alignment_depth_is_in_context_start_except_for_a_chosen_repa_depth(alignment, depth):
+    objective, _ = official_objective(alignment="none")
+    config = objective.transformer.config
+    assert config.in_context_start == 2
+    assert ALIGNMENTS[alignment].alignment_depth(config, 3) == depth
+    assert ALIGNMENTS[alignment].alignment_depth(config, None) == 2

@@ -303,6 +303,32 @@ def test_learning_rate_follows_the_global_batch_in_one_process(assets, tmp_path,
     assert optimizer_learning_rate(tmp_path / "checkpoint-3") == pytest.approx(5e-4, rel=1e-12)  # past 2 warm-up steps
 
 
+def test_the_plan_derives_the_defaults_and_leaves_the_flags_alone(assets, tmp_path):
+    args = train_pixelrepa.parse_args(base_learning_rate_flags(assets, tmp_path, "--gradient_accumulation_steps", "2",
+                                                               "--num_train_epochs", "3"))
+    flags_before = dict(vars(args))
+    plan = train_pixelrepa.plan_training(args, num_images=24, num_classes=3, num_processes=2)
+    assert vars(args) == flags_before
+    assert plan == train_pixelrepa.TrainingPlan(
+        global_batch_size=32, steps_per_epoch=1, max_train_steps=3, num_train_epochs=3, lr_warmup_steps=2,
+        learning_rate=0.032 * 32 / 256, learning_rate_origin="--base_learning_rate 0.032 x global batch 32 / 256",
+        guidance_scale=1.0, alignment_weight=0.1, validation_classes=[0, 1, 2],
+    )
+    tracked = train_pixelrepa.tracker_config(args, plan)
+    assert tracked["global_batch_size"] == 32 and tracked["max_train_steps"] == 3 and tracked["alignment_weight"] == 0.1
+    assert tracked["validation_classes"] == "[0, 1, 2]"
+    with pytest.raises(ValueError, match="--train_batch_size 8 x 4 processes is more than the 24 training images"):
+        train_pixelrepa.plan_training(args, num_images=24, num_classes=3, num_processes=4)
+
+
+@pytest.mark.parametrize("alignment, model, guidance_scale", [
+    ("pixelrepa", "JiT-L/16", 2.8), ("repa", "JiT-L/16", 2.4), ("none", "JiT-H/32", 2.3), ("pixelrepa", "JiT-B/32", 1.0),
+])
+def test_default_guidance_scale_is_the_papers_for_the_method_and_backbone(tmp_path, alignment, model, guidance_scale):
+    args = train_pixelrepa.parse_args(["--train_data_dir", str(tmp_path), "--model", model, "--alignment", alignment])
+    assert train_pixelrepa.default_guidance_scale(args) == guidance_scale
+
+
 def test_ddp_two_cpu_processes_save_a_loadable_pipeline(assets, tmp_path):
     output_dir = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

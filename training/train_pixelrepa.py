@@ -11,63 +11,51 @@ holds a PixelREPAPipeline with the first EMA and a model card.
 """
 
 import argparse
-import json
 import logging
 import math
 import os
-import pickle
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from accelerate import Accelerator, init_empty_weights
+from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, load, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import SchedulerType, get_scheduler
 from safetensors.torch import load_file
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from tqdm.auto import tqdm
 
-from pixelrepa_diffusers import (
-    JIT_PRESETS,
-    JiTFlowMatchScheduler,
-    JiTTransformer2DModel,
-    MaskedTransformerAdapter,
-    PixelREPAPipeline,
-)
+from pixelrepa_diffusers import JIT_PRESETS, JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline
+from pixelrepa_diffusers.alignment import ALIGNMENTS
 from pixelrepa_diffusers.commands import OneLineArgumentParser
 from pixelrepa_diffusers.data import collate_train_batch, load_train_dataset
 from pixelrepa_diffusers.encoders import load_alignment_encoder
-from pixelrepa_diffusers.hub import CARD_VARIANTS, push_pipeline_to_hub, render_model_card
-from pixelrepa_diffusers.losses import ALIGNMENTS, PixelREPATrainingObjective, REPAProjector
+from pixelrepa_diffusers.hub import CARD_VARIANTS, push_pipeline_to_hub, render_model_card, training_recipe
+from pixelrepa_diffusers.losses import PixelREPATrainingObjective
 from pixelrepa_diffusers.training_utils import (
     OPTIMIZER_MOMENTS_NAME,
     TRAINING_STATE_NAME,
     ExponentialMovingAverage,
+    LossMeter,
+    NonFiniteLossError,
+    TrainingCheckpointer,
     image_grid,
     latest_checkpoint,
     load_adamw_moments,
-    load_into,
-    read_model_folder,
+    load_model_folders,
+    read_run_state,
     remove_incomplete_checkpoints,
-    save_checkpoint,
+    submodule_state,
+    unsharded_copy,
 )
 
 logger = get_logger(__name__)
 
-DEFAULT_ALIGNMENT_WEIGHT = {"pixelrepa": 0.1, "repa": 0.5}
-ALIGNER_FOLDER = {"pixelrepa": "adapter", "repa": "projector"}
-ALIGNER_CLASS = {"pixelrepa": MaskedTransformerAdapter, "repa": REPAProjector}
-METHOD_NAME = {"none": "JiT", "repa": "JiT+REPA", "pixelrepa": "PixelREPA"}
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows every default and keeps the description's line breaks."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
 
 
 def build_parser():
@@ -106,7 +94,7 @@ def build_parser():
                        help="Recompute block activations in the backward pass to save memory.")
 
     alignment = parser.add_argument_group("representation alignment")
-    alignment.add_argument("--alignment", default="pixelrepa", choices=ALIGNMENTS,
+    alignment.add_argument("--alignment", default="pixelrepa", choices=list(ALIGNMENTS),
                            help="pixelrepa: masked transformer adapter on the tokens after block in_context_start; "
                                 "repa: MLP projector on the tokens after block --repa_depth; none: plain JiT.")
     alignment.add_argument("--encoder", default="facebook/dinov2-base",
@@ -196,7 +184,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Raises ValueError naming the flag when the flags do not fit together; fills the alignment weight default."""
+    """Raises ValueError naming the flag when the flags do not fit together."""
     if (args.train_data_dir is None) == (args.dataset_name is None):
         raise ValueError("pass exactly one of --train_data_dir and --dataset_name")
     positive = ("resolution", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
@@ -220,8 +208,6 @@ def check_args(args):
         raise ValueError("--push_to_hub needs --hub_model_id")
     if args.lr_warmup_steps is not None and args.lr_warmup_steps < 0:
         raise ValueError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
-    if args.alignment_weight is None and args.alignment != "none":
-        args.alignment_weight = DEFAULT_ALIGNMENT_WEIGHT[args.alignment]
 
 
 def check_distributed_type(distributed_type, fsdp_version):
@@ -253,22 +239,6 @@ def build_transformer(args, num_classes):
     return transformer
 
 
-def build_aligner(args, transformer, encoder_width):
-    """The adapter (pixelrepa) or projector (repa) that maps backbone tokens to the encoder's width."""
-    config = transformer.config
-    if args.alignment == "repa":
-        return REPAProjector(hidden_size=config.hidden_size, projector_dim=args.projector_dim,
-                             out_channels=encoder_width)
-    pretrained_adapter = os.path.join(args.init_from_pretrained or "", "adapter")
-    if args.init_from_pretrained is not None and os.path.isdir(pretrained_adapter):
-        adapter = MaskedTransformerAdapter.from_pretrained(pretrained_adapter)
-        if adapter.config.out_channels != encoder_width:
-            raise ValueError(f"the adapter in {pretrained_adapter} outputs {adapter.config.out_channels} channels but "
-                             f"--encoder has width {encoder_width}")
-        return adapter
-    return MaskedTransformerAdapter.from_transformer_config(config, out_channels=encoder_width)
-
-
 def optimizer_parameter_groups(module, weight_decay):
     """Trainable parameters in two AdamW groups: weight decay on matrices only, as the official code does."""
     decay, no_decay = [], []
@@ -278,12 +248,55 @@ def optimizer_parameter_groups(module, weight_decay):
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def resolve_learning_rate(args, global_batch_size):
-    """The run's learning rate and how it was derived: --learning_rate, else --base_learning_rate x batch / 256."""
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The settings a run derives from its flags, its data and its number of processes."""
+
+    global_batch_size: int
+    steps_per_epoch: int
+    max_train_steps: int
+    num_train_epochs: int
+    lr_warmup_steps: int
+    learning_rate: float
+    learning_rate_origin: str  # how learning_rate was derived, for the log and the card
+    guidance_scale: float
+    alignment_weight: float | None
+    validation_classes: list[int]
+
+
+def plan_training(args, num_images, num_classes, num_processes):
+    """The run's TrainingPlan: the flags, with the defaults that depend on the data, the processes or the model."""
+    validation_classes = args.validation_classes
+    if validation_classes is None:
+        validation_classes = sorted({round(i) for i in np.linspace(0, num_classes - 1, min(8, num_classes))})
+    if not all(0 <= class_id < num_classes for class_id in validation_classes):
+        raise ValueError(f"--validation_classes must be in [0, {num_classes}), got {validation_classes}")
+    batches_per_epoch = num_images // (args.train_batch_size * num_processes)
+    if batches_per_epoch == 0:
+        raise ValueError(f"--train_batch_size {args.train_batch_size} x {num_processes} processes is more "
+                         f"than the {num_images} training images")
+    global_batch_size = args.train_batch_size * num_processes * args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    max_train_steps = args.num_train_epochs * steps_per_epoch if args.max_train_steps is None else args.max_train_steps
     if args.learning_rate is not None:
-        return args.learning_rate, "--learning_rate"
-    learning_rate = args.base_learning_rate * global_batch_size / 256
-    return learning_rate, f"--base_learning_rate {args.base_learning_rate:g} x global batch {global_batch_size} / 256"
+        learning_rate, learning_rate_origin = args.learning_rate, "--learning_rate"
+    else:
+        learning_rate = args.base_learning_rate * global_batch_size / 256
+        learning_rate_origin = (f"--base_learning_rate {args.base_learning_rate:g} x global batch {global_batch_size} "
+                                "/ 256")
+    return TrainingPlan(
+        global_batch_size=global_batch_size,
+        steps_per_epoch=steps_per_epoch,
+        max_train_steps=max_train_steps,
+        num_train_epochs=math.ceil(max_train_steps / steps_per_epoch),
+        lr_warmup_steps=5 * steps_per_epoch if args.lr_warmup_steps is None else args.lr_warmup_steps,
+        learning_rate=learning_rate,
+        learning_rate_origin=learning_rate_origin,
+        guidance_scale=default_guidance_scale(args) if args.guidance_scale is None else args.guidance_scale,
+        alignment_weight=(ALIGNMENTS[args.alignment].default_weight if args.alignment_weight is None
+                          else args.alignment_weight),
+        validation_classes=validation_classes,
+    )
 
 
 def default_guidance_scale(args):
@@ -292,55 +305,17 @@ def default_guidance_scale(args):
         return PixelREPAPipeline.load_config(args.init_from_pretrained)["guidance_scale"]
     if args.model_config_path is not None:
         return 1.0
-    variant = args.model.replace("JiT", "PixelREPA") if args.alignment == "pixelrepa" else args.model
-    return CARD_VARIANTS[variant]["guidance_scale"] if variant in CARD_VARIANTS else 1.0
+    variant = CARD_VARIANTS.get((ALIGNMENTS[args.alignment].paper_method, args.model))
+    return 1.0 if variant is None else variant["guidance_scale"]
 
 
-def unsharded_copy(model_class, config, state_dict):
-    """A plain, frozen `model_class` with `config` that holds the full `state_dict` (e.g. gathered from FSDP shards)."""
-    with init_empty_weights():
-        model = model_class.from_config(config)
-    model.load_state_dict(state_dict, assign=True)
-    return model.requires_grad_(False).eval()
-
-
-def submodule_state(state_dict, prefix):
-    """The entries of `state_dict` under `prefix`, without it."""
-    return {name[len(prefix):]: value for name, value in state_dict.items() if name.startswith(prefix)}
-
-
-def read_run_state(checkpoint, args):
-    """The training_state.json of a checkpoint, refused before any step when it was saved with other flags."""
-    with open(os.path.join(checkpoint, TRAINING_STATE_NAME)) as file:
-        state = json.load(file)
-    if state["alignment"] != args.alignment or state["ema_decays"] != args.ema_decays:
-        raise ValueError(f"{checkpoint} was saved with --alignment {state['alignment']} --ema_decays "
-                         f"{' '.join(map(str, state['ema_decays']))}; resume with the same flags")
-    return state
-
-
-def load_model_folders(input_dir, trained, emas, transformer_config, alignment):
-    """Loads a checkpoint's transformer and adapter or projector into `trained` (unless None) and its EMAs."""
-    if trained is not None:
-        folder = os.path.join(input_dir, "transformer")
-        load_into(trained.transformer, read_model_folder(JiTTransformer2DModel, transformer_config, folder,
-                                                         "transformer"), "transformer")
-        if trained.aligner is not None:
-            name = ALIGNER_FOLDER[alignment]
-            load_into(trained.aligner, read_model_folder(ALIGNER_CLASS[alignment], trained.aligner.config,
-                                                         os.path.join(input_dir, name), name), name)
-    for index, ema in enumerate(emas, start=1):
-        ema.load_full_state_dict(read_model_folder(JiTTransformer2DModel, transformer_config,
-                                                   os.path.join(input_dir, f"ema_{index}"), f"ema_{index}"))
-
-
-def build_lr_scheduler(args, optimizer, num_processes, start_step):
+def build_lr_scheduler(name, optimizer, warmup_steps, total_steps, num_processes, start_step):
     """The lr schedule, already `start_step` optimizer steps along; it steps once per process per optimizer step."""
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     return get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
-        num_training_steps=args.max_train_steps * num_processes, last_epoch=start_step * num_processes - 1,
+        name, optimizer=optimizer, num_warmup_steps=warmup_steps * num_processes,
+        num_training_steps=total_steps * num_processes, last_epoch=start_step * num_processes - 1,
     )
 
 
@@ -356,7 +331,7 @@ def resolve_checkpoint(args):
     raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint folder")
 
 
-def validation_grid(transformer, args, class_ids):
+def validation_grid(transformer, args, class_ids, guidance_scale):
     """A PIL grid of samples of the first EMA: one row per class, a fixed seed."""
     pipeline = PixelREPAPipeline(
         transformer=transformer, scheduler=JiTFlowMatchScheduler(t_eps=args.t_eps, noise_scale=args.noise_scale)
@@ -364,7 +339,7 @@ def validation_grid(transformer, args, class_ids):
     pipeline.set_progress_bar_config(disable=True)
     labels = [class_id for class_id in class_ids for _ in range(args.validation_images_per_class)]
     images = pipeline(
-        labels, num_inference_steps=args.validation_num_inference_steps, guidance_scale=args.guidance_scale,
+        labels, num_inference_steps=args.validation_num_inference_steps, guidance_scale=guidance_scale,
         generator=torch.Generator().manual_seed(args.seed), output_type="np",
     ).images
     return image_grid(images, rows=len(class_ids))
@@ -382,49 +357,46 @@ def log_validation(accelerator, grid, step, path):
     logger.info(f"Saved validation grid {path}")
 
 
-def save_final_outputs(args, ema_transformer, adapter, split, id2label, dataset_description, global_step):
-    """The first EMA as a PixelREPAPipeline in output_dir (plus the adapter, if any) and its model card."""
+def save_final_outputs(args, plan, ema_transformer, aligner, alignment_depth, id2label, dataset_description,
+                       global_step):
+    """The first EMA as a PixelREPAPipeline in output_dir (plus the aligner, if the method exports it) and its card."""
+    method = ALIGNMENTS[args.alignment]
     pipeline = PixelREPAPipeline(
         transformer=ema_transformer,
         scheduler=JiTFlowMatchScheduler(t_eps=args.t_eps, noise_scale=args.noise_scale),
         id2label=id2label,
-        guidance_scale=args.guidance_scale,
+        guidance_scale=plan.guidance_scale,
         guidance_interval=(0.1, 1.0),
     )
     pipeline.save_pretrained(args.output_dir, safe_serialization=True)
-    if adapter is not None:
-        adapter.save_pretrained(os.path.join(args.output_dir, "adapter"), safe_serialization=True)
-    config = ema_transformer.config
-    training = {
-        "Data": f"{dataset_description}, ADM center crop to {args.resolution} px"
-                + (", random horizontal flip" if args.random_flip else ""),
-        "Steps": f"{global_step} (global batch {args.global_batch_size})",
-        "Optimizer": f"AdamW, betas ({args.adam_beta1}, {args.adam_beta2}), weight decay {args.adam_weight_decay}",
-        "Learning rate": "{:g} ({}), {} with {} warm-up steps".format(
-            *resolve_learning_rate(args, args.global_batch_size), args.lr_scheduler, args.lr_warmup_steps),
-        "Diffusion": f"x-prediction with v-loss; t = sigmoid(N({args.p_mean}, {args.p_std}^2)); t_eps {args.t_eps}; "
-                     f"noise scale {args.noise_scale}",
-        "Label dropout": f"{args.label_dropout}",
-        "EMA": f"{args.ema_decays[0]} (these weights)" + "".join(f", {decay}" for decay in args.ema_decays[1:]),
-        "Precision": args.mixed_precision,
-    }
-    if args.alignment == "pixelrepa":
-        training["Alignment"] = (f"Masked Transformer Adapter on the tokens after block {config.in_context_start}, "
-                                 f"{args.mask_ratio:.0%} masked, cosine loss to {args.encoder}, weight "
-                                 f"{args.alignment_weight}")
-    elif args.alignment == "repa":
-        training["Alignment"] = (f"MLP projector on the tokens after block {split}, cosine loss to "
-                                 f"{args.encoder}, weight {args.alignment_weight}")
+    if method.exports_aligner:
+        aligner.save_pretrained(os.path.join(args.output_dir, method.folder), safe_serialization=True)
+    training = training_recipe(
+        data=f"{dataset_description}, ADM center crop to {args.resolution} px"
+             + (", random horizontal flip" if args.random_flip else ""),
+        steps=f"{global_step} (global batch {plan.global_batch_size})",
+        optimizer=f"AdamW, betas ({args.adam_beta1}, {args.adam_beta2}), weight decay {args.adam_weight_decay}",
+        learning_rate=f"{plan.learning_rate:g} ({plan.learning_rate_origin}), {args.lr_scheduler} with "
+                      f"{plan.lr_warmup_steps} warm-up steps",
+        p_mean=args.p_mean,
+        p_std=args.p_std,
+        t_eps=args.t_eps,
+        noise_scale=args.noise_scale,
+        label_dropout=f"{args.label_dropout}",
+        ema=f"{args.ema_decays[0]} (these weights)" + "".join(f", {decay}" for decay in args.ema_decays[1:]),
+        precision=args.mixed_precision,
+        alignment=method.card_text(alignment_depth, args.mask_ratio, args.encoder, plan.alignment_weight),
+    )
     repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
     card = render_model_card(
         model_name=repo_id.split("/")[-1],
         repo_id=repo_id,
-        method=METHOD_NAME[args.alignment],
-        architecture=dict(config),
+        method=method.card_name,
+        architecture=dict(ema_transformer.config),
         training=training,
         weights_source=(f"Trained with pixelrepa-diffusers' training/train_pixelrepa.py for {global_step} steps; "
                         f"the weights are the EMA with decay {args.ema_decays[0]}."),
-        guidance_scale=args.guidance_scale,
+        guidance_scale=plan.guidance_scale,
         noise_scale=args.noise_scale,
         dataset=hub_dataset_id(args),
     )
@@ -441,19 +413,20 @@ def hub_dataset_id(args):
     return args.dataset_name
 
 
-def tracker_config(args):
-    """The run's flags as tracker hyperparameters (scalars; lists and None as text)."""
+def tracker_config(args, plan):
+    """The run's flags and plan as tracker hyperparameters (scalars; lists and None as text)."""
     return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
-            for key, value in vars(args).items()}
+            for key, value in {**vars(args), **asdict(plan)}.items()}
 
 
 def train(args):
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    # Setup accelerator
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -472,164 +445,102 @@ def train(args):
         for path in remove_incomplete_checkpoints(args.output_dir):
             logger.info(f"Removed the incomplete checkpoint {path}")
     checkpoint = resolve_checkpoint(args)
-    run_state = None if checkpoint is None else read_run_state(checkpoint, args)
+    run_state = None if checkpoint is None else read_run_state(checkpoint, args.alignment, args.ema_decays)
     official_epochs = None if run_state is None else run_state.get("official_epochs")
     if official_epochs is not None and fsdp:
         raise ValueError(f"{checkpoint} is a converted official run; continue it under DDP or in one process "
                          "(its AdamW state is loaded unsharded)")
 
+    # Data
     dataset = load_train_dataset(
         train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name, image_column=args.image_column, label_column=args.label_column,
         resolution=args.resolution, random_flip=args.random_flip, cache_dir=args.cache_dir, seed=args.seed,
     )
     num_classes = len(dataset.class_names)
-    if args.validation_classes is None:
-        args.validation_classes = sorted({round(i) for i in np.linspace(0, num_classes - 1, min(8, num_classes))})
-    if not all(0 <= class_id < num_classes for class_id in args.validation_classes):
-        raise ValueError(f"--validation_classes must be in [0, {num_classes}), got {args.validation_classes}")
+    plan = plan_training(args, len(dataset), num_classes, accelerator.num_processes)
+    train_dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True, collate_fn=collate_train_batch,
+        num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed),
+    )
+
+    # Create model: the transformer, the method's aligner and the frozen alignment encoder
     set_seed(args.seed)
+    method = ALIGNMENTS[args.alignment]
     transformer = build_transformer(args, num_classes)
     encoder, aligner = None, None
-    if args.alignment != "none":
+    if method.aligner_class is not None:
         encoder = load_alignment_encoder(args.encoder, resolution=args.encoder_resolution,
                                          patch_size=args.encoder_patch_size, cache_dir=args.cache_dir)
         if encoder.num_tokens != transformer.num_patches:
             raise ValueError(f"--encoder gives {encoder.num_tokens} tokens at --encoder_resolution "
                              f"{args.encoder_resolution} / --encoder_patch_size {args.encoder_patch_size}, but the "
                              f"model has {transformer.num_patches} patches; they must match one to one")
-        aligner = build_aligner(args, transformer, encoder.hidden_size)
-    if args.alignment != "pixelrepa":
-        transformer.mask_token.requires_grad_(False)  # used only by the adapter
+        aligner = method.build_aligner(transformer.config, encoder.hidden_size, args.projector_dim,
+                                       args.init_from_pretrained)
+    if not method.masks_tokens:
+        transformer.mask_token.requires_grad_(False)  # used only by an aligner of masked tokens
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-        if args.alignment == "pixelrepa":
-            aligner.enable_gradient_checkpointing()
+        method.enable_gradient_checkpointing(aligner)
     objective = PixelREPATrainingObjective(
         transformer, alignment=args.alignment, aligner=aligner,
-        alignment_weight=args.alignment_weight, mask_ratio=args.mask_ratio, repa_depth=args.repa_depth,
+        alignment_weight=plan.alignment_weight, mask_ratio=args.mask_ratio, repa_depth=args.repa_depth,
         label_dropout=args.label_dropout, p_mean=args.p_mean, p_std=args.p_std, t_eps=args.t_eps,
         noise_scale=args.noise_scale,
     )
 
-    args.global_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    learning_rate, learning_rate_origin = resolve_learning_rate(args, args.global_batch_size)
+    # Optimizer and schedule; an official run continues at the step its finished epochs count, the schedule that far
     optimizer = torch.optim.AdamW(
-        optimizer_parameter_groups(objective, args.adam_weight_decay), lr=learning_rate,
+        optimizer_parameter_groups(objective, args.adam_weight_decay), lr=plan.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=True,
     )
-    train_dataloader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True, collate_fn=collate_train_batch,
-        num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed),
-    )
-    batches_per_epoch = len(dataset) // (args.train_batch_size * accelerator.num_processes)
-    if batches_per_epoch == 0:
-        raise ValueError(f"--train_batch_size {args.train_batch_size} x {accelerator.num_processes} processes is more "
-                         f"than the {len(dataset)} training images")
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-    if args.lr_warmup_steps is None:
-        args.lr_warmup_steps = 5 * steps_per_epoch
-    if args.guidance_scale is None:
-        args.guidance_scale = default_guidance_scale(args)
-    # An official run continues at the step its finished epochs count, with the schedule already that far along.
-    start_step = 0 if official_epochs is None else official_epochs * steps_per_epoch
-    lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes, start_step)
-
+    start_step = 0 if official_epochs is None else official_epochs * plan.steps_per_epoch
+    lr_scheduler = build_lr_scheduler(args.lr_scheduler, optimizer, plan.lr_warmup_steps, plan.max_train_steps,
+                                      accelerator.num_processes, start_step)
     objective, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         objective, optimizer, train_dataloader, lr_scheduler
     )
     trained = accelerator.unwrap_model(objective)  # under FSDP2, the same module with sharded parameters
     transformer = trained.transformer
-    transformer_config = transformer.config
-    aligner_config = None if trained.aligner is None else trained.aligner.config
     if encoder is not None:
         encoder.to(accelerator.device)  # frozen and outside the trained module: never sharded nor saved
     emas = [ExponentialMovingAverage(transformer, decay) for decay in args.ema_decays]
-    training_state = {"global_step": 0, "skipped_images": 0}
+    checkpointer = TrainingCheckpointer(accelerator, trained, emas)
 
-    def save_model_hook(models, weights, output_dir):
-        state = accelerator.get_state_dict(models[0])  # full tensors; collectives under FSDP, as are the EMAs'
-        ema_states = [ema.full_state_dict() for ema in emas]
-        if accelerator.is_main_process:
-            unsharded_copy(JiTTransformer2DModel, transformer_config, submodule_state(state, "transformer.")
-                           ).save_pretrained(os.path.join(output_dir, "transformer"))
-            if aligner_config is not None:
-                unsharded_copy(ALIGNER_CLASS[args.alignment], aligner_config, submodule_state(state, "aligner.")
-                               ).save_pretrained(os.path.join(output_dir, ALIGNER_FOLDER[args.alignment]))
-            for index, ema_state in enumerate(ema_states, start=1):
-                unsharded_copy(JiTTransformer2DModel, transformer_config, ema_state).save_pretrained(
-                    os.path.join(output_dir, f"ema_{index}"))
-            run_state = {**training_state, "alignment": args.alignment, "ema_decays": args.ema_decays}
-            with open(os.path.join(output_dir, TRAINING_STATE_NAME), "w") as file:
-                json.dump(run_state, file, indent=2)
-        if weights:  # accelerate's own copy of the models; under FSDP it writes its model shards instead
-            weights.pop()
-
-    def load_model_hook(models, input_dir):
-        # accelerate ignores RNG states it cannot read (weights-only); an inexact resume must fail instead.
-        load(os.path.join(input_dir, f"random_states_{accelerator.process_index}.pkl"))
-        # under FSDP, accelerate has restored the model from its shards and passes no models
-        unwrapped = accelerator.unwrap_model(models.pop()) if models else None
-        load_model_folders(input_dir, unwrapped, emas, transformer_config, args.alignment)
-        training_state["global_step"] = run_state["global_step"]
-        training_state["skipped_images"] = run_state["skipped_images"]
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
+    # Resume: a checkpoint of this script, a converted official run, or a fresh start
     set_seed(args.seed, device_specific=True)  # each process draws its own noise; a resume restores the RNGs
+    global_step = 0
     if official_epochs is not None:
-        load_model_folders(checkpoint, trained, emas, transformer_config, args.alignment)
+        load_model_folders(checkpoint, trained, emas, transformer.config)
         load_adamw_moments(optimizer, trained, load_file(os.path.join(checkpoint, OPTIMIZER_MOMENTS_NAME)))
-        training_state["global_step"] = start_step
+        global_step = start_step
         logger.info(f"Continuing the official run in {checkpoint} after {official_epochs} epochs, at step "
                     f"{start_step}")
     elif checkpoint is not None:
-        try:
-            accelerator.load_state(checkpoint)
-        except pickle.UnpicklingError as error:
-            raise ValueError(f"refusing to load {checkpoint}: it holds pickled objects outside the weights-only "
-                             f"allow-list ({str(error).strip().splitlines()[0]})") from None
-        logger.info(f"Resumed from {checkpoint} at step {training_state['global_step']}")
+        checkpointer.resume(checkpoint)
+        global_step = checkpointer.global_step
+        logger.info(f"Resumed from {checkpoint} at step {global_step}")
     elif args.resume_from_checkpoint == "latest":
         logger.info(f"No checkpoint in {args.output_dir}; starting a new run")
-    global_step = training_state["global_step"]
-    first_epoch = global_step // steps_per_epoch
-    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    first_epoch = global_step // plan.steps_per_epoch
+    batches_to_skip = (global_step % plan.steps_per_epoch) * args.gradient_accumulation_steps
 
-    accelerator.init_trackers("train_pixelrepa", config=tracker_config(args))
-    logger.info(f"{len(dataset)} images of {len(dataset.class_names)} classes; {args.max_train_steps} steps of "
-                f"{args.global_batch_size} images ({args.num_train_epochs} epochs), lr {learning_rate:g} "
-                f"({learning_rate_origin}), "
-                f"alignment {args.alignment}")
+    accelerator.init_trackers("train_pixelrepa", config=tracker_config(args, plan))
+    logger.info(f"{len(dataset)} images of {num_classes} classes; {plan.max_train_steps} steps of "
+                f"{plan.global_batch_size} images ({plan.num_train_epochs} epochs), lr {plan.learning_rate:g} "
+                f"({plan.learning_rate_origin}), alignment {args.alignment}")
     validation_dir = os.path.join(args.output_dir, "validation")
-
-    loss_names = ("loss", "loss_jit", "loss_alignment")
-    loss_sums = torch.zeros(len(loss_names), device=accelerator.device)
-    loss_count = torch.zeros((), device=accelerator.device)
-    first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)
-    skipped_since_save = 0
+    meter = LossMeter(accelerator, checkpointer.skipped_images)
     last_log = (time.perf_counter(), global_step)
     last_checkpoint = checkpoint
 
-    def check_finite():
-        step = accelerator.reduce(first_nonfinite_step.clone(), reduction="max").item()
-        if step >= 0:
-            raise NonFiniteLossError(f"the loss is not finite at step {step}; stopped, the last good checkpoint is "
-                                     f"{last_checkpoint or 'none'}")
-
-    def count_skipped():
-        local = torch.tensor(skipped_since_save, device=accelerator.device)
-        return training_state["skipped_images"] + accelerator.reduce(local, reduction="sum").item()
-
-    with tqdm(total=args.max_train_steps, initial=global_step, desc="Steps",
+    # Training loop
+    with tqdm(total=plan.max_train_steps, initial=global_step, desc="Steps",
               disable=not accelerator.is_local_main_process) as progress_bar:
         objective.train()
-        for epoch in range(first_epoch, args.num_train_epochs):
-            if global_step >= args.max_train_steps:
+        for epoch in range(first_epoch, plan.num_train_epochs):
+            if global_step >= plan.max_train_steps:
                 break
             train_dataloader.set_epoch(epoch)
             dataset.set_epoch(epoch)
@@ -637,7 +548,7 @@ def train(args):
             if epoch == first_epoch and batches_to_skip:
                 epoch_loader = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
             for batch in epoch_loader:
-                skipped_since_save += batch["num_skipped"]
+                meter.skip(batch["num_skipped"])
                 images = batch["pixel_values"].to(torch.float32).div(255) * 2 - 1
                 class_labels = batch["class_labels"]
                 weight = 1.0
@@ -657,66 +568,58 @@ def train(args):
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 if weight:
-                    loss_sums += torch.stack([losses[name].detach().float() for name in loss_names])
-                    loss_count += 1
-                    bad = ~torch.isfinite(losses["loss"].detach()) & (first_nonfinite_step < 0)
-                    first_nonfinite_step = torch.where(bad, global_step + 1, first_nonfinite_step)
+                    meter.add(losses, global_step + 1)
                 if not accelerator.sync_gradients:
                     continue
 
                 for ema in emas:
                     ema.update(transformer)
                 global_step += 1
-                training_state["global_step"] = global_step
                 progress_bar.update(1)
 
                 if global_step % args.logging_steps == 0:
-                    check_finite()
-                    means = accelerator.reduce(loss_sums / loss_count, reduction="mean").tolist()
+                    meter.check_finite(last_checkpoint)
                     now = time.perf_counter()
-                    images_per_second = (global_step - last_log[1]) * args.global_batch_size / (now - last_log[0])
-                    logs = dict(zip(loss_names, means), lr=lr_scheduler.get_last_lr()[0],
-                                images_per_second=images_per_second, skipped_images=count_skipped())
+                    images_per_second = (global_step - last_log[1]) * plan.global_batch_size / (now - last_log[0])
+                    logs = {**meter.means(), "lr": lr_scheduler.get_last_lr()[0],
+                            "images_per_second": images_per_second, "skipped_images": meter.skipped()}
                     accelerator.log(logs, step=global_step)
-                    progress_bar.set_postfix(loss=f"{means[0]:.4f}", jit=f"{means[1]:.4f}", align=f"{means[2]:.4f}",
-                                             lr=f"{logs['lr']:.2e}")
-                    loss_sums.zero_()
-                    loss_count.zero_()
+                    progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", jit=f"{logs['loss_jit']:.4f}",
+                                             align=f"{logs['loss_alignment']:.4f}", lr=f"{logs['lr']:.2e}")
                     last_log = (now, global_step)
 
-                if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                    check_finite()
-                    training_state["skipped_images"] = count_skipped()
-                    skipped_since_save = 0
-                    last_checkpoint = save_checkpoint(accelerator, args.output_dir, global_step,
-                                                      args.checkpoints_total_limit)
+                if global_step % args.checkpointing_steps == 0 or global_step == plan.max_train_steps:
+                    meter.check_finite(last_checkpoint)
+                    last_checkpoint = checkpointer.save(args.output_dir, global_step, meter.skipped(),
+                                                        args.checkpoints_total_limit)
                     logger.info(f"Saved {last_checkpoint}")
 
                 if global_step % args.validation_steps == 0:
                     ema_state = emas[0].full_state_dict()  # every process: a collective under FSDP
                     if accelerator.is_main_process:
                         os.makedirs(validation_dir, exist_ok=True)
-                        ema_transformer = unsharded_copy(JiTTransformer2DModel, transformer_config, ema_state)
-                        grid = validation_grid(ema_transformer, args, args.validation_classes)
+                        ema_transformer = unsharded_copy(JiTTransformer2DModel, transformer.config, ema_state)
+                        grid = validation_grid(ema_transformer, args, plan.validation_classes, plan.guidance_scale)
                         log_validation(accelerator, grid, global_step,
                                        os.path.join(validation_dir, f"step-{global_step:07d}.png"))
 
-                if global_step >= args.max_train_steps:
+                if global_step >= plan.max_train_steps:
                     break
 
+    # Save the pipeline: the first EMA, and the aligner where the method exports it
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(objective)  # full tensors; collectives under FSDP, as is the EMA's
     ema_state = emas[0].full_state_dict()
     if accelerator.is_main_process:
-        if training_state["skipped_images"]:
-            logger.info(f"Skipped {training_state['skipped_images']} unreadable images in total")
+        if checkpointer.skipped_images:
+            logger.info(f"Skipped {checkpointer.skipped_images} unreadable images in total")
         source = args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir))
-        id2label = dict(enumerate(dataset.class_names))
-        ema_transformer = unsharded_copy(JiTTransformer2DModel, transformer_config, ema_state)
-        adapter = None
-        if args.alignment == "pixelrepa":
-            adapter = unsharded_copy(MaskedTransformerAdapter, aligner_config, submodule_state(state, "aligner."))
-        save_final_outputs(args, ema_transformer, adapter, trained.split, id2label, source, global_step)
+        ema_transformer = unsharded_copy(JiTTransformer2DModel, transformer.config, ema_state)
+        exported = None
+        if method.exports_aligner:
+            exported = unsharded_copy(method.aligner_class, trained.aligner.config, submodule_state(state, "aligner."))
+        save_final_outputs(args, plan, ema_transformer, exported, trained.alignment_depth,
+                           dict(enumerate(dataset.class_names)), source, global_step)
         logger.info(f"Saved the PixelREPAPipeline (EMA {args.ema_decays[0]}) to {args.output_dir}")
     accelerator.end_training()
 

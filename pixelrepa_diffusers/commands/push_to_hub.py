@@ -12,7 +12,7 @@ import sys
 
 from huggingface_hub.errors import HfHubHTTPError
 
-from pixelrepa_diffusers.hub import CARD_VARIANTS, push_pipeline_to_hub, render_model_card, variant_card_settings
+from pixelrepa_diffusers.hub import VARIANT_KEYS, push_pipeline_to_hub, render_model_card, variant_card_settings
 from pixelrepa_diffusers.commands import OneLineArgumentParser, run_command
 
 
@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--card_variant",
         default=None,
-        choices=sorted(CARD_VARIANTS),
+        choices=sorted(VARIANT_KEYS),
         help="upload the card of this official variant, with the paper's figures (default: the folder's README.md)",
     )
     parser.add_argument("--commit_message", default="Upload pipeline with pixelrepa-diffusers")

@@ -16,6 +16,7 @@ from .adapter_pixelrepa import MaskedTransformerAdapter
 from .hub import CARD_VARIANTS, render_model_card, variant_card_settings
 from .pipeline_pixelrepa import PixelREPAPipeline
 from .scheduling_jit_flow_match import JiTFlowMatchScheduler
+from .serialization import pickled_code_refusal
 from .training_utils import OPTIMIZER_MOMENTS_NAME, TRAINING_STATE_NAME, load_into
 from .transformer_jit import JIT_PRESETS, JiTTransformer2DModel, swiglu_inner_dim
 
@@ -56,15 +57,6 @@ KEY_RENAMES = [
 
 # torch.save writes a zip archive; its legacy format, and pickles, start with the PROTO opcode (pickle.PROTO).
 ZIP_MAGIC = b"PK\x03\x04"
-
-
-def pickled_code_refusal(what: str, error: pickle.UnpicklingError) -> ValueError:
-    """The error for a file that `torch.load(weights_only=True)` refused: PyTorch's reason, without its advice to
-    retry with weights_only=False, which runs the file's code."""
-    parts = [part.strip() for part in str(error).split("\n\n")]
-    reason = " ".join(part for part in parts if part and "weights_only" not in part)
-    return ValueError(f"refusing to load {what}: it holds pickled objects outside the weights-only allow-list "
-                      f"({reason})")
 
 
 def load_official_checkpoint(path: str) -> dict:

@@ -35,9 +35,9 @@ from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 from transformers import Dinov2Model
 
-from .conversion import pickled_code_refusal
 from .data import IMAGE_EXTENSIONS, center_crop_arr, check_resolution
 from .pipeline_pixelrepa import check_precision
+from .serialization import pickled_code_refusal
 
 INCEPTION_FEATURES = ["2048", "logits_unbiased"]
 FEATURE_DIM = 2048

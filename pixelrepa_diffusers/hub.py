@@ -10,6 +10,7 @@ import httpx2
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
 from .alignment import ALIGNMENTS
+from .scheduling_jit_flow_match import JiTFlowMatchScheduler, check_guidance_interval
 from .transformer_jit import JIT_PRESETS
 
 # The repository's model_cards/ folder, installed as package data (see pyproject.toml).
@@ -100,10 +101,9 @@ def render_model_card(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-    if solver not in ("heun", "euler"):
-        raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}.")
-    if not 0.0 <= guidance_interval[0] < guidance_interval[1] <= 1.0:
-        raise ValueError(f"guidance_interval must satisfy 0 <= min < max <= 1, got {guidance_interval}.")
+    if solver not in JiTFlowMatchScheduler.SOLVERS:
+        raise ValueError(f"solver must be one of {JiTFlowMatchScheduler.SOLVERS}, got {solver!r}.")
+    check_guidance_interval(guidance_interval)
     if (fid is None) != (metrics_source is None):
         raise ValueError("fid and metrics_source must be given together, or both left out.")
     if fid is None and (inception_score is not None or fid_statistics is not None):
@@ -155,7 +155,7 @@ def render_model_card(
         guidance_scale=guidance_scale,
         guidance_interval=guidance_interval,
         num_inference_steps=num_inference_steps,
-        solver_label={"heun": "Heun (Euler on the last step)", "euler": "Euler"}[solver],
+        solver_label=JiTFlowMatchScheduler.SOLVER_LABELS[solver],
         noise_scale=noise_scale,
         fid=fid,
         inception_score=inception_score,

@@ -14,6 +14,7 @@ from accelerate.utils import load
 from PIL import Image
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .serialization import pickled_code_refusal
 from .transformer_jit import JiTTransformer2DModel
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -154,8 +155,7 @@ class TrainingCheckpointer:
         try:
             self.accelerator.load_state(checkpoint)
         except pickle.UnpicklingError as error:
-            raise ValueError(f"refusing to load {checkpoint}: it holds pickled objects outside the weights-only "
-                             f"allow-list ({str(error).strip().splitlines()[0]})") from None
+            raise pickled_code_refusal(checkpoint, error) from None
 
     def save_model_hook(self, models, weights, output_dir):
         trained, config = self.trained, self.trained.transformer.config

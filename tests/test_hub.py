@@ -268,7 +268,7 @@ def test_push_cli_with_unreachable_hub_prints_one_line(pipeline_dir, tmp_path):
     )
     assert completed.returncode != 0
     assert completed.stderr.strip().splitlines() == [
-        f"push_to_hub: Could not reach the Hugging Face Hub at {endpoint}: [Errno 111] Connection refused"
+        f"push_to_hub: error: Could not reach the Hugging Face Hub at {endpoint}: [Errno 111] Connection refused"
     ]
 
 

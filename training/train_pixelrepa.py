@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from pixelrepa_diffusers import JIT_PRESETS, JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline
 from pixelrepa_diffusers.alignment import ALIGNMENTS
-from pixelrepa_diffusers.commands import OneLineArgumentParser
+from pixelrepa_diffusers.commands import OneLineArgumentParser, run_command
 from pixelrepa_diffusers.data import collate_train_batch, load_train_dataset
 from pixelrepa_diffusers.encoders import load_alignment_encoder
 from pixelrepa_diffusers.hub import CARD_VARIANTS, push_pipeline_to_hub, render_model_card, training_recipe
@@ -624,13 +624,9 @@ def train(args):
     accelerator.end_training()
 
 
-def main(argv=None):
-    try:
-        train(parse_args(argv))
-    except (ValueError, OSError, NonFiniteLossError) as error:
-        print(f"train_pixelrepa.py: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
-    return 0
+def main(argv=None) -> int:
+    return run_command(lambda: train(parse_args(argv)), errors=(ValueError, OSError, NonFiniteLossError),
+                       prog="train_pixelrepa.py")
 
 
 if __name__ == "__main__":

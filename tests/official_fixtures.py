@@ -29,23 +29,6 @@ def official_state(tensors: dict, metadata: dict) -> dict:
     return {key[len("state.") :]: value for key, value in tensors.items() if key.startswith("state.")}
 
 
-def small_transformer_config(official_config: dict) -> dict:
-    """Our JiTTransformer2DModel config for the official small JiT fixture config."""
-    return dict(
-        sample_size=official_config["input_size"],
-        patch_size=official_config["patch_size"],
-        in_channels=official_config["in_channels"],
-        hidden_size=official_config["hidden_size"],
-        num_layers=official_config["depth"],
-        num_attention_heads=official_config["num_heads"],
-        mlp_ratio=official_config["mlp_ratio"],
-        num_classes=official_config["num_classes"],
-        bottleneck_dim=official_config["bottleneck_dim"],
-        in_context_len=official_config["in_context_len"],
-        in_context_start=official_config["in_context_start"],
-    )
-
-
 def relative_error(actual, expected) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 

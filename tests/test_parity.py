@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from official_fixtures import load_fixture, load_variants, official_state, relative_error, small_transformer_config
+from official_fixtures import load_fixture, load_variants, official_state, relative_error
 from pixelrepa_diffusers import JiTFlowMatchScheduler, JiTTransformer2DModel, MaskedTransformerAdapter, PixelREPAPipeline
-from pixelrepa_diffusers.conversion import rename_official_keys
+from pixelrepa_diffusers.conversion import our_config, rename_official_keys
 
 
 def small_transformer():
     tensors, metadata = load_fixture("jit_small.safetensors")
-    model = JiTTransformer2DModel(**small_transformer_config(metadata["config"]))
+    model = JiTTransformer2DModel(**our_config(metadata["config"], JiTTransformer2DModel))
     model.load_state_dict(rename_official_keys(official_state(tensors, metadata)))
     return model.eval(), tensors
 
@@ -63,12 +63,7 @@ def test_adapter_matches_official(fixture, backbone):
     tensors, metadata = load_fixture(fixture)
     config = metadata["config"]
     if backbone is None:
-        adapter = MaskedTransformerAdapter(
-            sample_size=config["input_size"], patch_size=config["patch_size"], hidden_size=config["hidden_size"],
-            num_layers=config["depth"], num_attention_heads=config["num_heads"], mlp_ratio=config["mlp_ratio"],
-            num_classes=config["num_classes"], in_context_len=config["in_context_len"],
-            out_channels=config["out_channels"],
-        )
+        adapter = MaskedTransformerAdapter(**our_config(config, MaskedTransformerAdapter))
     else:
         adapter = MaskedTransformerAdapter.from_preset(backbone, out_channels=config["out_channels"])
     state = rename_official_keys(official_state(tensors, metadata))

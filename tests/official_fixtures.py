@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from official_weights import load_manifest, random_official_state_dict
+from pipelines.official_code import random_official_state_dict
+from tests.official_weights import load_manifest
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 

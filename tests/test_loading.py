@@ -6,8 +6,8 @@ import huggingface_hub
 import pytest
 import torch
 
-from conftest import random_tiny_transformer
-from hub_server import LocalHub
+from tests.conftest import random_tiny_transformer
+from tests.hub_server import LocalHub
 from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
 from pixelrepa_diffusers.hub import push_pipeline_to_hub
 

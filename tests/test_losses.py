@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from official_fixtures import load_fixture, official_state, relative_error
+from tests.official_fixtures import load_fixture, official_state, relative_error
 from pixelrepa_diffusers import JiTTransformer2DModel, MaskedTransformerAdapter
 from pixelrepa_diffusers.conversion import our_config, rename_official_keys
 from pixelrepa_diffusers.losses import (

@@ -8,7 +8,7 @@ import torch
 from diffusers.models.attention_dispatch import attention_backend
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from official_fixtures import load_fixture, official_state, relative_error
+from tests.official_fixtures import load_fixture, official_state, relative_error
 from pixelrepa_diffusers import (
     JiTAttnProcessor, JiTFlowMatchScheduler, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel,
     MaskedTransformerAdapter, PixelREPAPipeline,

@@ -9,7 +9,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from conftest import random_tiny_transformer
+from tests.conftest import random_tiny_transformer
 from pixelrepa_diffusers import JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline
 
 ID2LABEL = {i: name for i, name in enumerate(["zero", "one", "two", "three", "four, 4", "five", "six", "seven",

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import TINY_CONFIG
-from official_fixtures import load_fixture, official_state, relative_error
+from tests.conftest import TINY_CONFIG
+from tests.official_fixtures import load_fixture, official_state, relative_error
 from pixelrepa_diffusers import (
     PRECISIONS, JiTAttnProcessor, JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline,
 )

@@ -46,9 +46,9 @@ from pixelrepa_diffusers import (
     MaskedTransformerAdapter,
     PixelREPAPipeline,
 )
+from pixelrepa_diffusers.commands import OneLineArgumentParser
 from pixelrepa_diffusers.conversion import rename_official_keys
 from pixelrepa_diffusers.pipeline_pixelrepa import check_precision, precision_context
-from pixelrepa_diffusers.commands import OneLineArgumentParser
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -10,18 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.official_fixtures import (
-    adapter_tokens,
-    load_fixture,
-    load_variants,
-    official_state,
-    relative_error,
-    stored_rows,
-    width_inputs,
-)
 from pipelines import convert_official_checkpoint
 from pipelines.official_code import random_official_state_dict
-from tests.official_weights import official_checkpoint_dict
 from pixelrepa_diffusers import JiTTransformer2DModel, MaskedTransformerAdapter, PixelREPAPipeline
 from pixelrepa_diffusers.conversion import (
     adapter_from_checkpoint,
@@ -35,6 +25,16 @@ from pixelrepa_diffusers.conversion import (
     transformer_from_checkpoint,
 )
 from pixelrepa_diffusers.hub import render_model_card, variant_card_settings
+from tests.official_fixtures import (
+    adapter_tokens,
+    load_fixture,
+    load_variants,
+    official_state,
+    relative_error,
+    stored_rows,
+    width_inputs,
+)
+from tests.official_weights import official_checkpoint_dict
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "pipelines" / "convert_official_checkpoint.py"

@@ -21,8 +21,6 @@ from torchvision.transforms.functional import pil_to_tensor
 from transformers import Dinov2Config, Dinov2Model
 
 from pipelines import compute_reference_stats, evaluate
-from tests.conftest import random_tiny_transformer
-from tests.inception_helpers import random_smooth_images, save_random_inception_weights
 from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
 from pixelrepa_diffusers.data import center_crop_arr
 from pixelrepa_diffusers.evaluation import (
@@ -31,6 +29,8 @@ from pixelrepa_diffusers.evaluation import (
     load_inception,
     to_uint8,
 )
+from tests.conftest import random_tiny_transformer
+from tests.inception_helpers import random_smooth_images, save_random_inception_weights
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10

@@ -7,9 +7,9 @@ import PIL.Image
 import pytest
 import torch
 
-from tests.conftest import random_tiny_transformer
 from pipelines import generate
 from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
+from tests.conftest import random_tiny_transformer
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 

@@ -1,5 +1,6 @@
 """pipelines/gpu_check.py: its plan, backend probe, time limit and table on CPU; the tiny dry run end to end (slow)."""
 
+import importlib.util
 import json
 import subprocess
 import sys

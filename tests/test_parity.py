@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from tests.official_fixtures import load_fixture, load_variants, official_state, relative_error
 from pixelrepa_diffusers import JiTFlowMatchScheduler, JiTTransformer2DModel, MaskedTransformerAdapter, PixelREPAPipeline
 from pixelrepa_diffusers.conversion import our_config, rename_official_keys
+from tests.official_fixtures import load_fixture, load_variants, official_state, relative_error
 
 
 def small_transformer():

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from tests.conftest import TINY_CONFIG, random_tiny_transformer
 from pixelrepa_diffusers import JIT_PRESETS, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel
+from tests.conftest import TINY_CONFIG, random_tiny_transformer
 
 
 @pytest.mark.parametrize("name, millions", [("JiT-B/16", 131), ("JiT-L/16", 459), ("JiT-H/16", 953)])

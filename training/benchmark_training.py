@@ -40,10 +40,10 @@ from pipelines.official_code import (
     register_official_models,
 )
 from pixelrepa_diffusers import JiTTransformer2DModel, MaskedTransformerAdapter
+from pixelrepa_diffusers.commands import OneLineArgumentParser
 from pixelrepa_diffusers.encoders import AlignmentEncoder
 from pixelrepa_diffusers.losses import PixelREPATrainingObjective
 from pixelrepa_diffusers.training_utils import ExponentialMovingAverage
-from pixelrepa_diffusers.commands import OneLineArgumentParser
 
 EMA_DECAYS = (0.9999, 0.9996)
 ADAMW = dict(lr=2.5e-5, betas=(0.9, 0.95), weight_decay=0.0)

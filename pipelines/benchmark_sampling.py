@@ -1,6 +1,6 @@
 """Sampling speed of PixelREPAPipeline against a baseline timed in the same run, in alternating repeats.
 
-    python pipelines/benchmark_sampling.py --model JiT-B/16 --batch_size 256 --dtype bf16 --compile \
+    python -m pipelines.benchmark_sampling --model JiT-B/16 --batch_size 256 --dtype bf16 --compile \
         --reference_repo reference/PixelREPA
 
 Baseline: the official `Denoiser.generate` (separate cond and uncond forwards, uncond also outside the CFG
@@ -21,26 +21,34 @@ import tempfile
 import torch
 import torch.nn as nn
 
-from pixelrepa_diffusers import PRECISIONS, JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline
-from pixelrepa_diffusers.benchmarking import (
+from pipelines.benchmark_utils import (
     alternating_timings,
     describe_machine,
     format_bytes,
-    import_official,
     load_average,
     materialize_attention,
     median,
-    official_denoiser_args,
-    official_sources,
-    randomize_parameters_,
     run_benchmark_cli,
-    register_official_models,
     tensor_bytes,
     transformer_flops,
 )
+from pipelines.official_code import (
+    import_official,
+    official_denoiser_args,
+    official_sources,
+    randomize_trainable_,
+    register_official_models,
+)
+from pixelrepa_diffusers import (
+    PRECISIONS,
+    JiTFlowMatchScheduler,
+    JiTTransformer2DModel,
+    MaskedTransformerAdapter,
+    PixelREPAPipeline,
+)
+from pixelrepa_diffusers.commands import OneLineArgumentParser
 from pixelrepa_diffusers.conversion import rename_official_keys
 from pixelrepa_diffusers.pipeline_pixelrepa import check_precision, precision_context
-from pixelrepa_diffusers.commands import OneLineArgumentParser
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -114,7 +122,7 @@ def build_models(args, device):
         return transformer, None
     transformer = JiTTransformer2DModel.from_preset(args.model, **args.config_overrides)
     if args.reference_repo is None:
-        randomize_parameters_(transformer, args.seed)
+        randomize_trainable_(transformer, args.seed)
         return transformer, None
     config = transformer.config
 
@@ -123,17 +131,15 @@ def build_models(args, device):
 
     with tempfile.TemporaryDirectory() as directory:
         source_dir = official_sources(args.reference_repo, directory)
-        model_module, denoiser_module, _ = import_official(source_dir, create_model, device)
-    adapter_config = dict(sample_size=config.sample_size, patch_size=config.patch_size,
-                          hidden_size=config.hidden_size, num_layers=2, num_attention_heads=config.num_attention_heads,
-                          mlp_ratio=config.mlp_ratio, in_context_len=config.in_context_len,
-                          num_classes=config.num_classes, out_channels=config.hidden_size)
-    register_official_models(model_module, config, argparse.Namespace(**adapter_config))
+        official = import_official(source_dir, create_model, device)
+    with torch.device("meta"):
+        adapter = MaskedTransformerAdapter.from_transformer_config(config, out_channels=config.hidden_size)
+    register_official_models(official.model, config, adapter.config)
     low, high = args.guidance_interval
     denoiser_args = official_denoiser_args(config, num_sampling_steps=args.num_inference_steps,
                                            cfg=args.guidance_scale, interval_min=low, interval_max=high)
-    denoiser = denoiser_module.Denoiser(denoiser_args)
-    randomize_parameters_(denoiser.net, args.seed)
+    denoiser = official.denoiser.Denoiser(denoiser_args)
+    randomize_trainable_(denoiser.net, args.seed)
     transformer.load_state_dict(rename_official_keys(denoiser.net.state_dict()))
     return transformer, denoiser.to(device).eval()
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from diffusers.models.attention_dispatch import attention_backend
 
+from pipelines.benchmark_utils import format_bytes
 from pixelrepa_diffusers import JiTTransformer2DModel
-from pixelrepa_diffusers.benchmarking import format_bytes
 from pixelrepa_diffusers.commands import OneLineArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def available_backends(device: torch.device, candidates=CANDIDATE_BACKENDS) -> d
 
 
 def plan(args, backends) -> dict[str, list[str]]:
-    """Run name -> CLI arguments (script first), in the order they run."""
+    """Run name -> Python arguments (`-m` and the benchmark module first), in the order they run."""
     device = ["--device", args.device]
     reference = [] if args.reference_repo is None else ["--reference_repo", args.reference_repo]
     if args.tiny:
@@ -89,9 +89,9 @@ def plan(args, backends) -> dict[str, list[str]]:
         deviation = ["--model", "JiT-B/16", "--batch_size", "64", "--num_inference_steps", "50", "--guidance_scale",
                      "3.1", "--repeats", "1", "--warmup", "0"]
     compile_flag = [] if args.tiny else ["--compile"]  # compiling is a GPU matter; the dry run skips it
-    training = ["training/benchmark_training.py", "--mixed_precision", "bf16", *compile_flag, "--peak_tflops",
+    training = ["-m", "training.benchmark_training", "--mixed_precision", "bf16", *compile_flag, "--peak_tflops",
                 str(args.peak_tflops), *device]
-    sampling = ["pipelines/benchmark_sampling.py", *device]
+    sampling = ["-m", "pipelines.benchmark_sampling", *device]
     runs = {
         "train_b16": [*training, *train, *reference],
         "train_h16_ckpt": [*training, *big_train, "--gradient_checkpointing", "--skip_baseline"],

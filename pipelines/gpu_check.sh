@@ -3,4 +3,4 @@
 #   bash pipelines/gpu_check.sh --reference_repo PixelREPA --output_dir gpu_check
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python pipelines/gpu_check.py "$@"
+exec python -m pipelines.gpu_check "$@"

@@ -1,6 +1,7 @@
 """Conversion of official PixelREPA / JiT checkpoints (checkpoint-last.pth) to diffusers pipelines."""
 
 import argparse
+import inspect
 import json
 import os
 import pickle
@@ -32,6 +33,17 @@ MASK_TOKEN_SEED = 0
 PRESET_FIELDS = ("patch_size", "bottleneck_dim", "hidden_size", "num_attention_heads", "num_layers")
 PRESET_IN_CONTEXT_LEN = 32
 PRESET_MLP_RATIO = 4.0
+
+# Our config field -> the official name: of the JiT / MaskedTransformerAdapter constructor argument
+# (model_pixelREPA.py, model_jit.py), and of the Denoiser argument (main_pixelREPA.py) for those it takes.
+OFFICIAL_NAMES = dict(
+    sample_size="input_size", patch_size="patch_size", in_channels="in_channels", out_channels="out_channels",
+    hidden_size="hidden_size", num_layers="depth", num_attention_heads="num_heads", mlp_ratio="mlp_ratio",
+    attention_dropout="attn_drop", dropout="proj_drop", num_classes="num_classes", bottleneck_dim="bottleneck_dim",
+    in_context_len="in_context_len", in_context_start="in_context_start",
+)
+OFFICIAL_DENOISER_NAMES = dict(sample_size="img_size", num_classes="class_num", attention_dropout="attn_dropout",
+                               dropout="proj_dropout")
 
 # (official key pattern, our key), applied in order to backbone and adapter keys.
 KEY_RENAMES = [
@@ -138,6 +150,18 @@ def rename_official_keys(state_dict: dict, prefix: str = "") -> dict:
     return renamed
 
 
+def official_kwargs(config, names: dict = OFFICIAL_NAMES) -> dict:
+    """The official arguments (named by `names`) for the fields of our config that have one."""
+    return {official: config[ours] for ours, official in names.items() if ours in config}
+
+
+def our_config(arguments: dict, model_class, names: dict = OFFICIAL_NAMES) -> dict:
+    """`model_class`'s config for official arguments (named by `names`); fields it lacks (the adapter's in_channels)
+    are left out."""
+    fields = inspect.signature(model_class.__init__).parameters
+    return {ours: arguments[official] for ours, official in names.items() if official in arguments and ours in fields}
+
+
 def read_shapes(state_dict: dict) -> dict:
     """Each shape-derived JiT field -> (value, the official tensor it is read from, that tensor's shape)."""
     required = ("x_embedder.proj1.weight", "pos_embed", "y_embedder.embedding_table.weight",
@@ -195,8 +219,8 @@ def infer_transformer_config(state_dict: dict, args: argparse.Namespace, model: 
                                                     "num_layers", "num_attention_heads")}
     config.update(ff_width_config(shapes["hidden_size"][0], shapes["ff_inner_dim"][0]))
     config.update(
-        attention_dropout=float(getattr(args, "attn_dropout", 0.0)),
-        dropout=float(getattr(args, "proj_dropout", 0.0)),
+        attention_dropout=float(getattr(args, OFFICIAL_DENOISER_NAMES["attention_dropout"], 0.0)),
+        dropout=float(getattr(args, OFFICIAL_DENOISER_NAMES["dropout"], 0.0)),
         num_classes=shapes["num_classes"][0],
         bottleneck_dim=shapes["bottleneck_dim"][0],
         in_context_len=shapes["in_context_len"][0],

@@ -50,6 +50,8 @@ def rotary_cos_sin(grid_size: int, head_dim: int, num_prefix_tokens: int, device
     """2D RoPE tables, (num_prefix_tokens + grid_size**2, head_dim); prefix tokens are not rotated (cos 1, sin 0)."""
     axis_dim = head_dim // 2
     freqs = 1.0 / 10000 ** (torch.arange(0, axis_dim, 2, device=device)[: axis_dim // 2].float() / axis_dim)
+    # The official `arange(ft_seq_len) / ft_seq_len * pt_seq_len` (util/model_util.py), kept for its float rounding:
+    # for some grids (13, 19, 21, ...) a position is one ulp off its integer, and parity keeps that.
     positions = torch.arange(grid_size, device=device) / grid_size * grid_size
     angles = torch.outer(positions, freqs).repeat_interleave(2, dim=-1)
     rows = angles[:, None, :].expand(grid_size, grid_size, axis_dim)

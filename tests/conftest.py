@@ -1,9 +1,5 @@
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
 
 TINY_CONFIG = dict(

@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from official_weights import load_manifest, random_official_state_dict
+from pipelines.official_code import random_official_state_dict
+from tests.official_weights import load_manifest
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 
@@ -27,23 +28,6 @@ def official_state(tensors: dict, metadata: dict) -> dict:
     if metadata.get("manifest", "").endswith(".json"):
         return random_official_state_dict(load_manifest(FIXTURES / metadata["manifest"]), int(metadata["seed"]))
     return {key[len("state.") :]: value for key, value in tensors.items() if key.startswith("state.")}
-
-
-def small_transformer_config(official_config: dict) -> dict:
-    """Our JiTTransformer2DModel config for the official small JiT fixture config."""
-    return dict(
-        sample_size=official_config["input_size"],
-        patch_size=official_config["patch_size"],
-        in_channels=official_config["in_channels"],
-        hidden_size=official_config["hidden_size"],
-        num_layers=official_config["depth"],
-        num_attention_heads=official_config["num_heads"],
-        mlp_ratio=official_config["mlp_ratio"],
-        num_classes=official_config["num_classes"],
-        bottleneck_dim=official_config["bottleneck_dim"],
-        in_context_len=official_config["in_context_len"],
-        in_context_start=official_config["in_context_start"],
-    )
 
 
 def relative_error(actual, expected) -> float:

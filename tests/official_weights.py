@@ -1,11 +1,8 @@
-"""Deterministic random weights in the official PixelREPA / JiT key layouts, and official checkpoints of them."""
+"""Official PixelREPA / JiT checkpoints of random weights (see pipelines/official_code.py), and their manifests."""
 
 import json
-import math
 
 import torch
-
-SMALL_PARAMETER_SUFFIXES = ("pos_embed", "in_context_posemb", "mask_token")
 
 
 def load_manifest(path):
@@ -13,23 +10,6 @@ def load_manifest(path):
     with open(path) as file:
         entries = json.load(file)
     return [(key, tuple(shape)) for key, shape in entries]
-
-
-def random_official_state_dict(manifest, seed):
-    """Non-zero float32 weights for every (key, shape) of the manifest, drawn in manifest order."""
-    generator = torch.Generator().manual_seed(seed)
-    state_dict = {}
-    for key, shape in manifest:
-        draw = torch.randn(shape, generator=generator, dtype=torch.float32)
-        if key.endswith(SMALL_PARAMETER_SUFFIXES):
-            state_dict[key] = 0.1 * draw
-        elif len(shape) >= 2:
-            state_dict[key] = draw * math.prod(shape[1:]) ** -0.5
-        elif key.endswith("weight"):
-            state_dict[key] = 1.0 + 0.1 * draw
-        else:
-            state_dict[key] = 0.1 * draw
-    return state_dict
 
 
 def official_adamw_groups(model_state):

@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 from diffusers.models.attention_dispatch import attention_backend
 
-from conftest import TINY_CONFIG
-from pixelrepa_diffusers.benchmarking import (
+from pipelines import benchmark_sampling, benchmark_solvers
+from pipelines.benchmark_utils import (
     adapter_flops,
     model_flops_utilization,
     training_flops,
     transformer_flops,
     vit_encoder_flops,
 )
+from tests.conftest import TINY_CONFIG
+from training import benchmark_training
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path("/work/.mirror/kaist-cvml+PixelREPA/repo")
@@ -32,27 +34,20 @@ needs_official_code = pytest.mark.skipif(
 )
 
 
-def load_cli(relative_path):
-    spec = importlib.util.spec_from_file_location(Path(relative_path).stem, REPO / relative_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_cli(relative_path, *args, tmp_path):
+def run_cli(cli, *args, tmp_path):
     """Runs a benchmark CLI in-process; returns its results JSON."""
     output = tmp_path / "results.json"
-    code = load_cli(relative_path).main([*args, "--device", "cpu", "--output_json", str(output)])
+    code = cli.main([*args, "--device", "cpu", "--output_json", str(output)])
     assert code == 0
     return json.loads(output.read_text())
 
 
-def run_cli_subprocess(relative_path, *args, tmp_path):
+def run_cli_subprocess(cli, *args, tmp_path):
     """Runs a benchmark CLI in its own process (the official code patches torch globally); returns its results."""
     output = tmp_path / "results.json"
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
-        [sys.executable, str(REPO / relative_path), *args, "--device", "cpu", "--num_threads", "1",
+        [sys.executable, "-m", cli.__name__, *args, "--device", "cpu", "--num_threads", "1",
          "--output_json", str(output)],
         capture_output=True, text=True, cwd=REPO, env=environment, timeout=600,
     )
@@ -106,7 +101,7 @@ def test_b16_training_image_costs_about_220_gflop_and_mfu():
 
 
 def test_sampling_cli_against_the_plain_baseline(tmp_path):
-    results = run_cli("pipelines/benchmark_sampling.py", *tiny_sampling_args(), tmp_path=tmp_path)
+    results = run_cli(benchmark_sampling, *tiny_sampling_args(), tmp_path=tmp_path)
     assert results["baseline_kind"] == "plain" and results["model_evaluations"] == 5
     for name in ("ours", "baseline"):
         assert len(results[name]["seconds"]) == 2 and results[name]["images_per_second"] > 0
@@ -115,7 +110,7 @@ def test_sampling_cli_against_the_plain_baseline(tmp_path):
 
 
 def test_sampling_cli_bf16_within_the_stated_tolerance(tmp_path):
-    results = run_cli("pipelines/benchmark_sampling.py",
+    results = run_cli(benchmark_sampling,
                       *tiny_sampling_args("--dtype", "bf16", "--baseline_dtype", "fp32"), tmp_path=tmp_path)
     assert results["dtype"] == "bf16" and results["baseline_dtype"] == "fp32"
     assert 0 < results["mean_image_difference"] < 0.01  # BENCHMARKS.md states these bf16 tolerances
@@ -123,11 +118,11 @@ def test_sampling_cli_bf16_within_the_stated_tolerance(tmp_path):
 
 
 def test_sampling_cli_official_regime_is_the_bf16_baseline_and_close_to_fp32(tmp_path):
-    same = run_cli("pipelines/benchmark_sampling.py",
+    same = run_cli(benchmark_sampling,
                    *tiny_sampling_args("--precision", "official", "--baseline_dtype", "bf16"), tmp_path=tmp_path)
     assert same["precision"] == "official" and same["baseline_dtype"] == "bf16"
     assert same["max_image_difference"] == 0  # the same ops as the baseline's official regime
-    against_fp32 = run_cli("pipelines/benchmark_sampling.py",
+    against_fp32 = run_cli(benchmark_sampling,
                            *tiny_sampling_args("--precision", "official", "--baseline_dtype", "fp32"),
                            tmp_path=tmp_path)
     assert 0 < against_fp32["mean_image_difference"] < 0.01
@@ -136,20 +131,20 @@ def test_sampling_cli_official_regime_is_the_bf16_baseline_and_close_to_fp32(tmp
 
 def test_sampling_cli_with_an_attention_backend_and_regional_compile_matches_the_baseline(tmp_path):
     with attention_backend("native"):  # the CLI sets diffusers' process-wide backend; give it back
-        results = run_cli("pipelines/benchmark_sampling.py",
+        results = run_cli(benchmark_sampling,
                           *tiny_sampling_args("--attention_backend", "_native_math", "--compile"), tmp_path=tmp_path)
     assert results["attention_backend"] == "_native_math" and results["compile"]
     assert results["relative_difference"] < 1e-5
 
 
 def test_sampling_cli_forward_only(tmp_path):
-    results = run_cli("pipelines/benchmark_sampling.py", *tiny_sampling_args("--forward_only"), tmp_path=tmp_path)
+    results = run_cli(benchmark_sampling, *tiny_sampling_args("--forward_only"), tmp_path=tmp_path)
     assert results["mode"] == "forward" and results["model_evaluations"] == 1
     assert results["relative_difference"] < 1e-5
 
 
 def test_training_cli_against_the_plain_baseline(tmp_path):
-    results = run_cli("training/benchmark_training.py", *tiny_training_args("--peak_tflops", "1"), tmp_path=tmp_path)
+    results = run_cli(benchmark_training, *tiny_training_args("--peak_tflops", "1"), tmp_path=tmp_path)
     assert results["baseline_kind"] == "plain"
     assert results["gflops_per_image"] * 1e9 == pytest.approx(40_292_736)
     for name in ("ours", "baseline"):
@@ -161,7 +156,7 @@ def test_training_cli_against_the_plain_baseline(tmp_path):
 
 
 def test_training_cli_gradient_checkpointing_without_baseline(tmp_path):
-    results = run_cli("training/benchmark_training.py",
+    results = run_cli(benchmark_training,
                       *tiny_training_args("--gradient_checkpointing", "--skip_baseline"), tmp_path=tmp_path)
     assert results["gradient_checkpointing"] and results["baseline_kind"] == "none"
     assert "baseline" not in results and "speedup" not in results
@@ -169,18 +164,18 @@ def test_training_cli_gradient_checkpointing_without_baseline(tmp_path):
 
 
 @pytest.mark.parametrize("cli, argument, message", [
-    ("pipelines/benchmark_sampling.py", ["--batch_size", "0"], "--batch_size must be >= 1"),
-    ("training/benchmark_training.py", ["--steps", "0"], "--steps must be >= 1"),
-    ("pipelines/benchmark_sampling.py", ["--reference_repo", "/nonexistent"], "holds neither model_pixelREPA.py"),
-    ("pipelines/benchmark_sampling.py", ["--precision", "fp16"], "precision must be one of"),
-    ("pipelines/benchmark_sampling.py", ["--precision", "official", "--dtype", "bf16"], "--dtype fp32"),
-    ("pipelines/benchmark_sampling.py", ["--attention_backend", "flash-attention"],
+    (benchmark_sampling, ["--batch_size", "0"], "--batch_size must be >= 1"),
+    (benchmark_training, ["--steps", "0"], "--steps must be >= 1"),
+    (benchmark_sampling, ["--reference_repo", "/nonexistent"], "holds neither model_pixelREPA.py"),
+    (benchmark_sampling, ["--precision", "fp16"], "precision must be one of"),
+    (benchmark_sampling, ["--precision", "official", "--dtype", "bf16"], "--dtype fp32"),
+    (benchmark_sampling, ["--attention_backend", "flash-attention"],
      "`backend='flash-attention'` must be one of the following"),
-    pytest.param("pipelines/benchmark_sampling.py", ["--attention_backend", "xformers"], "'xformers' is not usable",
+    pytest.param(benchmark_sampling, ["--attention_backend", "xformers"], "'xformers' is not usable",
                  marks=pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is here")),
 ])
 def test_bad_input_is_one_line_on_stderr(cli, argument, message, capsys):
-    code = load_cli(cli).main([*argument, "--model", "JiT-B/16", "--config_overrides", json.dumps(TINY_CONFIG),
+    code = cli.main([*argument, "--model", "JiT-B/16", "--config_overrides", json.dumps(TINY_CONFIG),
                                "--device", "cpu"])
     error = capsys.readouterr().err
     assert code == 1
@@ -190,7 +185,7 @@ def test_bad_input_is_one_line_on_stderr(cli, argument, message, capsys):
 @needs_official_code
 def test_sampling_cli_against_the_official_code(tmp_path):
     arguments = tiny_sampling_args("--reference_repo", str(MIRROR))
-    results = run_cli_subprocess("pipelines/benchmark_sampling.py", *arguments, tmp_path=tmp_path)
+    results = run_cli_subprocess(benchmark_sampling, *arguments, tmp_path=tmp_path)
     assert results["baseline_kind"] == "official"
     assert results["relative_difference"] < 1e-5  # same weights and noise: the official samples
 
@@ -198,19 +193,19 @@ def test_sampling_cli_against_the_official_code(tmp_path):
 @needs_official_code
 def test_training_cli_against_the_official_code(tmp_path):
     arguments = tiny_training_args("--reference_repo", str(MIRROR))
-    results = run_cli_subprocess("training/benchmark_training.py", *arguments, tmp_path=tmp_path)
+    results = run_cli_subprocess(benchmark_training, *arguments, tmp_path=tmp_path)
     assert results["baseline_kind"] == "official"
     assert results["ours"]["images_per_second"] > 0 and results["baseline"]["images_per_second"] > 0
 
 
 def test_benchmark_solvers_writes_results_and_plot(tmp_path, capsys):
-    from conftest import random_tiny_transformer
+    from tests.conftest import random_tiny_transformer
     from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
 
     PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler(), guidance_scale=2.0).save_pretrained(
         tmp_path / "pipe")
     json_path, plot_path = tmp_path / "solvers.json", tmp_path / "solvers.png"
-    code = load_cli("pipelines/benchmark_solvers.py").main([
+    code = benchmark_solvers.main([
         "--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--classes", "1", "2", "--images_per_class", "1",
         "--solvers", "heun", "multistep2", "flow_euler", "--time_grids", "uniform", "guidance", "--steps", "2", "8",
         "--reference_steps", "8", "--output_json", str(json_path), "--output_plot", str(plot_path)])

@@ -14,8 +14,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import Dinov2Config, Dinov2Model
 
-from official_fixtures import load_fixture, relative_error
-from official_weights import official_training_checkpoint, random_official_state_dict
+from pipelines.official_code import random_official_state_dict
+from tests.official_fixtures import load_fixture, relative_error
+from tests.official_weights import official_training_checkpoint
 from pixelrepa_diffusers import JiTTransformer2DModel, MaskedTransformerAdapter
 from pixelrepa_diffusers.conversion import (
     convert_official_training_checkpoint,

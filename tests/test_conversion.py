@@ -1,7 +1,6 @@
 """Official checkpoint -> convert CLI -> PixelREPAPipeline.from_pretrained -> the official images."""
 
 import argparse
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -11,16 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from official_fixtures import (
-    adapter_tokens,
-    load_fixture,
-    load_variants,
-    official_state,
-    relative_error,
-    stored_rows,
-    width_inputs,
-)
-from official_weights import official_checkpoint_dict, random_official_state_dict
+from pipelines import convert_official_checkpoint
+from pipelines.official_code import random_official_state_dict
 from pixelrepa_diffusers import JiTTransformer2DModel, MaskedTransformerAdapter, PixelREPAPipeline
 from pixelrepa_diffusers.conversion import (
     adapter_from_checkpoint,
@@ -34,6 +25,16 @@ from pixelrepa_diffusers.conversion import (
     transformer_from_checkpoint,
 )
 from pixelrepa_diffusers.hub import render_model_card, variant_card_settings
+from tests.official_fixtures import (
+    adapter_tokens,
+    load_fixture,
+    load_variants,
+    official_state,
+    relative_error,
+    stored_rows,
+    width_inputs,
+)
+from tests.official_weights import official_checkpoint_dict
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "pipelines" / "convert_official_checkpoint.py"
@@ -79,10 +80,7 @@ def run_cli(*args):
 
 def run_cli_main(capsys, *args):
     """The CLI's main() in this process (faster), returning (exit code, stderr)."""
-    spec = importlib.util.spec_from_file_location("convert_official_checkpoint", CLI)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    code = module.main([str(arg) for arg in args])
+    code = convert_official_checkpoint.main([str(arg) for arg in args])
     return code, capsys.readouterr().err
 
 
@@ -228,7 +226,6 @@ def converted_width(tmp_path_factory, variants):
     """variant -> pipeline folder converted by the CLI from an official-format checkpoint of its width model (the
     checkpoints are 100-534 MB, so each is deleted once converted, and the folders at the end)."""
     folders = {}
-    cli = load_cli()
 
     def convert(variant):
         if variant not in folders:
@@ -238,7 +235,7 @@ def converted_width(tmp_path_factory, variants):
             path = directory / "checkpoint-last.pth"
             torch.save(official_checkpoint_dict(state, case["codebase"], argparse.Namespace(**case["args"]),
                                                 WIDTH_WEIGHTS[variant]), path)
-            code = cli.main(["--checkpoint_path", str(path), "--output_dir", str(directory / "pipe"),
+            code = convert_official_checkpoint.main(["--checkpoint_path", str(path), "--output_dir", str(directory / "pipe"),
                              "--weights", WIDTH_WEIGHTS[variant],
                              "--in_context_start", str(variants["width_in_context_start"])])
             assert code == 0
@@ -249,13 +246,6 @@ def converted_width(tmp_path_factory, variants):
     yield convert
     for folder in folders.values():
         shutil.rmtree(folder)
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("convert_official_checkpoint", CLI)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("variant", WIDTH_WEIGHTS)

@@ -1,4 +1,3 @@
-import importlib.util
 import logging
 import os
 import subprocess
@@ -17,6 +16,7 @@ from pixelrepa_diffusers.data import (
     load_train_dataset,
     make_quickstart_dataset,
 )
+from training import prepare_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 PREPARE_SCRIPT = REPO / "training" / "prepare_dataset.py"
@@ -164,11 +164,8 @@ def test_bad_arguments(image_folder, tmp_path):
 
 
 def test_prepare_dataset_matches_on_the_fly_crops(image_folder, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("prepare_dataset", PREPARE_SCRIPT)
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
     output_dir = tmp_path / "prepared"
-    prepare.main([
+    prepare_dataset.main([
         "--train_data_dir", str(image_folder), "--resolution", "16", "--output_dir", str(output_dir), "--num_proc", "2",
     ])
     printed = capsys.readouterr().out

@@ -1,7 +1,6 @@
 """Evaluation: FID / IS, precision, recall, KID, sFID, FD-DINOv2 against torch-fidelity and ADM's formulas, ADM
 reference batches, sweep plots, class balance, sharding over 2 processes, resume, bad input."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,8 +20,7 @@ from safetensors.torch import load_file, save_file
 from torchvision.transforms.functional import pil_to_tensor
 from transformers import Dinov2Config, Dinov2Model
 
-from conftest import random_tiny_transformer
-from inception_helpers import random_smooth_images, save_random_inception_weights
+from pipelines import compute_reference_stats, evaluate
 from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
 from pixelrepa_diffusers.data import center_crop_arr
 from pixelrepa_diffusers.evaluation import (
@@ -31,17 +29,11 @@ from pixelrepa_diffusers.evaluation import (
     load_inception,
     to_uint8,
 )
+from tests.conftest import random_tiny_transformer
+from tests.inception_helpers import random_smooth_images, save_random_inception_weights
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
-
-
-def load_cli(name):
-    """The module of pipelines/<name>.py."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "pipelines" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_pngs(images, folder):
@@ -69,7 +61,7 @@ def assets(tmp_path_factory):
     PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler()).save_pretrained(root / "pipeline")
     reference_dir = write_pngs(random_smooth_images(4, seed=2, brightness=80), root / "reference")
     stats = str(root / "reference_stats.npz")
-    exit_code = load_cli("compute_reference_stats").main([
+    exit_code = compute_reference_stats.main([
         "--image_folder", reference_dir, "--resolution", "32", "--output", stats,
         "--inception_weights", weights, "--batch_size", "4", "--num_workers", "0",
     ])
@@ -84,7 +76,7 @@ def test_reference_stats_from_a_dataset_use_the_adm_center_crop(assets, tmp_path
     datasets.Dataset.from_dict({"img": images}, features=datasets.Features({"img": datasets.Image()})).save_to_disk(
         tmp_path / "dataset"
     )
-    exit_code = load_cli("compute_reference_stats").main([
+    exit_code = compute_reference_stats.main([
         "--dataset_name", str(tmp_path / "dataset"), "--image_column", "img", "--resolution", "32",
         "--output", str(tmp_path / "stats.npz"), "--inception_weights", assets["weights"], "--num_workers", "0",
     ])
@@ -252,7 +244,7 @@ def test_evaluate_cli_bad_input_gives_one_line(case, message, assets, tmp_path, 
     }
     flag, value = replacements[case]
     arguments[arguments.index(flag) + 1] = value
-    assert load_cli("evaluate").main(arguments) == 1
+    assert evaluate.main(arguments) == 1
     stderr = capsys.readouterr().err
     assert stderr.count("\n") == 1 and stderr.startswith("error: ") and message in stderr
     assert not (tmp_path / "results.json").exists()
@@ -260,7 +252,7 @@ def test_evaluate_cli_bad_input_gives_one_line(case, message, assets, tmp_path, 
 
 def test_evaluate_cli_bad_precision_gives_one_line(assets, tmp_path, capsys):
     arguments = [*evaluate_arguments(assets, tmp_path / "results.json"), "--precision", "bf16"]
-    assert load_cli("evaluate").main(arguments) == 1
+    assert evaluate.main(arguments) == 1
     stderr = capsys.readouterr().err
     assert stderr.count("\n") == 1 and stderr.startswith("error: precision must be one of ('model', 'official'")
     assert not (tmp_path / "results.json").exists()
@@ -273,7 +265,7 @@ def test_offline_machine_without_inception_weights(assets, monkeypatch, tmp_path
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # nothing listens there: the network is unreachable
     arguments = evaluate_arguments(assets, tmp_path / "results.json")
     del arguments[arguments.index("--inception_weights") : arguments.index("--inception_weights") + 2]
-    assert load_cli("evaluate").main(arguments) == 1
+    assert evaluate.main(arguments) == 1
     stderr = capsys.readouterr().err
     assert stderr.count("\n") == 1 and "pass its path as inception_weights" in stderr
 
@@ -292,7 +284,7 @@ def test_evaluate_cli_process_exits_with_one_line_and_no_traceback(assets, tmp_p
 
 
 def test_reference_stats_cli_bad_input(assets, tmp_path, capsys):
-    cli = load_cli("compute_reference_stats")
+    cli = compute_reference_stats
     common = ["--output", str(tmp_path / "stats.npz"), "--inception_weights", assets["weights"], "--num_workers", "0"]
     assert cli.main(["--image_folder", str(tmp_path / "absent"), *common]) == 1
     assert capsys.readouterr().err.startswith("error: image_folder")
@@ -352,7 +344,7 @@ def metrics_assets(assets):
     images = torch.cat([random_smooth_images(12, seed=5, brightness=60), to_uint8(samples)])
     reference_dir = write_pngs(images, root / "reference")
     stats = str(root / "reference.npz")
-    exit_code = load_cli("compute_reference_stats").main([
+    exit_code = compute_reference_stats.main([
         "--image_folder", reference_dir, "--resolution", "32", "--output", stats, "--inception_weights",
         assets["weights"], "--batch_size", "8", "--num_workers", "0", "--metrics", *ALL_METRICS,
         "--dinov2_model", str(root / "dinov2"), "--num_features", "24",
@@ -533,7 +525,7 @@ def test_adm_reference_batch_gives_the_metrics_of_our_npz(metrics_run, metrics_a
         arguments[arguments.index("--fid_statistics_file") + 1] = stats
         arguments[arguments.index("--metrics") + 1: arguments.index("--dinov2_model")] = ["fid", "precision",
                                                                                            "recall", "sfid", "kid"]
-        assert load_cli("evaluate").main(arguments) == 0
+        assert evaluate.main(arguments) == 0
     ours, theirs = (json.loads(outputs[name].read_text())["results"] for name in ("ours", "adm"))
     assert len(ours) == len(theirs) == 1
     for mine, other in zip(ours, theirs):
@@ -611,7 +603,7 @@ def test_metrics_bad_input_gives_one_line(case, message, metrics_assets, tmp_pat
     arguments = [*evaluate_arguments(metrics_assets, tmp_path / "results.json"), "--metrics", *metrics,
                  "--dinov2_model", metrics_assets["dinov2"]]
     arguments[arguments.index("--fid_statistics_file") + 1] = stats
-    assert load_cli("evaluate").main(arguments) == 1
+    assert evaluate.main(arguments) == 1
     stderr = capsys.readouterr().err
     assert stderr.count("\n") == 1 and stderr.startswith("error: ") and message in stderr, stderr
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "results.png").exists()
@@ -620,7 +612,7 @@ def test_metrics_bad_input_gives_one_line(case, message, metrics_assets, tmp_pat
 
 def test_reference_features_are_a_seeded_draw_of_the_images(assets, tmp_path):
     output = tmp_path / "reference.npz"
-    exit_code = load_cli("compute_reference_stats").main([
+    exit_code = compute_reference_stats.main([
         "--image_folder", assets["reference_dir"], "--resolution", "32", "--output", str(output), "--inception_weights",
         assets["weights"], "--num_workers", "0", "--metrics", "fid", "precision", "--num_features", "3", "--seed", "1",
     ])

@@ -1,4 +1,3 @@
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -8,23 +7,17 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import random_tiny_transformer
+from pipelines import generate
 from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
+from tests.conftest import random_tiny_transformer
 
-CLI = Path(__file__).resolve().parents[1] / "pipelines" / "generate.py"
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("generate", CLI)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
 
 def test_generate_writes_images_and_grid(tmp_path, capsys):
     pipe = PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler(), id2label={3: "three"})
     pipe.save_pretrained(tmp_path / "pipe")
-    code = load_cli().main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--class_labels", "1", "three",
+    code = generate.main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--class_labels", "1", "three",
                             "5", "--num_inference_steps", "2", "--solver", "euler", "--output_dir",
                             str(tmp_path / "out")])
     assert code == 0
@@ -36,7 +29,7 @@ def test_generate_writes_images_and_grid(tmp_path, capsys):
 def test_generate_bad_label_is_one_line(tmp_path, capsys):
     pipe = PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler())
     pipe.save_pretrained(tmp_path / "pipe")
-    code = load_cli().main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--class_labels", "42",
+    code = generate.main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--class_labels", "42",
                             "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 1 and "class_labels entry 42" in err and len(err.strip().splitlines()) == 1
@@ -48,8 +41,8 @@ def test_generate_compiled_writes_the_eager_images(tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     common = ["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--class_labels", "1", "5",
               "--num_inference_steps", "2"]
-    assert load_cli().main([*common, "--output_dir", str(tmp_path / "eager")]) == 0
-    assert load_cli().main([*common, "--compile", "--output_dir", str(tmp_path / "compiled")]) == 0
+    assert generate.main([*common, "--output_dir", str(tmp_path / "eager")]) == 0
+    assert generate.main([*common, "--compile", "--output_dir", str(tmp_path / "compiled")]) == 0
     for name in ("0000-1.png", "0001-5.png"):
         eager = np.asarray(PIL.Image.open(tmp_path / "eager" / name), dtype=np.int16)
         compiled = np.asarray(PIL.Image.open(tmp_path / "compiled" / name), dtype=np.int16)
@@ -59,7 +52,7 @@ def test_generate_compiled_writes_the_eager_images(tmp_path):
 def test_generate_precision_flag_reaches_the_pipeline(tmp_path):
     pipe = PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler(), guidance_scale=2.0)
     pipe.save_pretrained(tmp_path / "pipe")
-    code = load_cli().main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--class_labels", "1", "5",
+    code = generate.main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--class_labels", "1", "5",
                             "--num_inference_steps", "2", "--precision", "official", "--device", "cpu",
                             "--output_dir", str(tmp_path / "out")])
     assert code == 0
@@ -79,7 +72,7 @@ def test_generate_precision_flag_reaches_the_pipeline(tmp_path):
 def test_generate_bad_precision_is_one_line(tmp_path, capsys, argv, message):
     pipe = PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler())
     pipe.save_pretrained(tmp_path / "pipe")
-    code = load_cli().main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--class_labels", "1",
+    code = generate.main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--class_labels", "1",
                             "--output_dir", str(tmp_path / "out"), *argv])
     err = capsys.readouterr().err
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1
@@ -89,7 +82,7 @@ def test_generate_bad_precision_is_one_line(tmp_path, capsys, argv, message):
 def test_generate_solver_and_time_grid_flags_reach_the_scheduler(tmp_path):
     pipe = PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler(), guidance_scale=2.0)
     pipe.save_pretrained(tmp_path / "pipe")
-    assert load_cli().main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--class_labels", "1",
+    assert generate.main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--class_labels", "1",
                             "--num_inference_steps", "5", "--solver", "multistep2", "--time_grid", "guidance",
                             "--output_dir", str(tmp_path / "out")]) == 0
     pipe.scheduler = JiTFlowMatchScheduler(solver="multistep2", time_grid="guidance")
@@ -102,7 +95,7 @@ def test_generate_solver_and_time_grid_flags_reach_the_scheduler(tmp_path):
 
 
 def test_generate_path_that_is_neither_folder_nor_repo_id_is_one_line(tmp_path, capsys):
-    code = load_cli().main(["--pretrained_model_name_or_path", "/nonexistent", "--class_labels", "1",
+    code = generate.main(["--pretrained_model_name_or_path", "/nonexistent", "--class_labels", "1",
                             "--output_dir", str(tmp_path / "out")])
     assert code == 1
     assert capsys.readouterr().err == "error: No folder /nonexistent exists, and '/nonexistent' is not a Hub repo id.\n"
@@ -110,7 +103,7 @@ def test_generate_path_that_is_neither_folder_nor_repo_id_is_one_line(tmp_path, 
 
 @pytest.mark.parametrize("script", ["generate", "evaluate", "convert_official_checkpoint", "push_to_hub"])
 def test_every_cli_reports_a_bad_flag_in_one_line(script):
-    result = subprocess.run([sys.executable, str(CLI.parent / f"{script}.py"), "--no_such_flag"], capture_output=True,
+    result = subprocess.run([sys.executable, str(PIPELINES / f"{script}.py"), "--no_such_flag"], capture_output=True,
                             text=True)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith(f"{script}.py: error: ")

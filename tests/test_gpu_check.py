@@ -9,24 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipelines import gpu_check
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "pipelines" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_plan_measures_every_figure_of_the_issue():
-    cli = load_cli()
-    args = cli.parse_args(["--reference_repo", "PixelREPA", "--device", "cuda"])
-    runs = cli.plan(args, {"native": "ok", "_native_cudnn": "ok", "flash": "not usable"})
+    args = gpu_check.parse_args(["--reference_repo", "PixelREPA", "--device", "cuda"])
+    runs = gpu_check.plan(args, {"native": "ok", "_native_cudnn": "ok", "flash": "not usable"})
     assert list(runs) == ["train_b16", "train_h16_ckpt", "sample_official", "sample_native", "sample__native_cudnn",
                           "deviation_bf16_weights", "deviation_official", "deviation_bf16_sdpa"]
     joined = {name: " ".join(command) for name, command in runs.items()}
-    assert joined["train_b16"].startswith("training/benchmark_training.py")
+    assert joined["train_b16"].startswith("-m training.benchmark_training")
     for flag in ("--model JiT-B/16", "--batch_size 128", "--compile", "--peak_tflops 989.0",
                  "--reference_repo PixelREPA"):
         assert flag in joined["train_b16"]
@@ -40,7 +34,7 @@ def test_plan_measures_every_figure_of_the_issue():
 
 
 def test_backend_probe_runs_what_works_and_says_why_the_others_do_not():
-    status = load_cli().available_backends(torch.device("cpu"), ("native", "xformers", "no_such_backend"))
+    status = gpu_check.available_backends(torch.device("cpu"), ("native", "xformers", "no_such_backend"))
     assert status["native"] == "ok"
     assert "'xformers' is not usable" in status["xformers"] or importlib.util.find_spec("xformers")
     assert "`backend='no_such_backend'` must be one of the following" in status["no_such_backend"]
@@ -48,18 +42,17 @@ def test_backend_probe_runs_what_works_and_says_why_the_others_do_not():
 
 def test_time_limit_stops_a_run_and_skips_the_rest(tmp_path):
     sleeper = ["-c", "import time; time.sleep(30)"]
-    results = load_cli().run_all({"slow": sleeper, "next": sleeper}, tmp_path, time_limit_s=2)
+    results = gpu_check.run_all({"slow": sleeper, "next": sleeper}, tmp_path, time_limit_s=2)
     assert results == {"slow": {"skipped": "stopped at the time limit of 2 s"},
                        "next": {"skipped": "the time limit of 2 s was reached"}}
 
 
 def test_failed_run_records_its_last_error_line(tmp_path):
     failing = ["-c", "import sys; print('first', file=sys.stderr); sys.exit('error: bad flag')"]
-    assert load_cli().run_all({"bad": failing}, tmp_path, time_limit_s=60) == {"bad": {"error": "error: bad flag"}}
+    assert gpu_check.run_all({"bad": failing}, tmp_path, time_limit_s=60) == {"bad": {"error": "error: bad flag"}}
 
 
 def test_table_has_a_row_per_run():
-    cli = load_cli()
     entry = dict(images_per_second=100.0, peak_bytes=2**31, mfu=0.4)
     results = {
         "train_b16": {"ours": entry, "baseline": {**entry, "images_per_second": 50.0, "mfu": 0.2}},
@@ -68,16 +61,16 @@ def test_table_has_a_row_per_run():
                                "relative_image_difference": 3e-3},
         "sample_official": {"skipped": "the time limit of 570 s was reached"},
     }
-    rows = cli.summary_rows(results)
+    rows = gpu_check.summary_rows(results)
     assert rows[0] == ("train_b16", "100.0", "50.0", "MFU 40.0% / 20.0%", "2.00 GiB / 2.00 GiB")
     assert rows[1] == ("sample_native", "100.0", "-", "rel L2 to baseline 1.00e-03", "2.00 GiB")
     assert rows[2][3] == "mean 1.00e-04, max 1.00e-02, rel L2 3.00e-03"
     assert rows[3] == ("sample_official", "-", "-", "the time limit of 570 s was reached", "-")
-    assert cli.table(rows).count("\n") == 2 + len(rows)
+    assert gpu_check.table(rows).count("\n") == 2 + len(rows)
 
 
 def test_missing_reference_repo_is_one_line(tmp_path):
-    completed = subprocess.run([sys.executable, str(REPO / "pipelines" / "gpu_check.py"), "--reference_repo",
+    completed = subprocess.run([sys.executable, "-m", "pipelines.gpu_check", "--reference_repo",
                                 "/nonexistent", "--output_dir", str(tmp_path)], capture_output=True, text=True,
                                cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert completed.returncode == 1

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 import pixelrepa_diffusers.scheduling_jit_flow_match
 import pixelrepa_diffusers.transformer_jit
-from conftest import TINY_CONFIG, random_tiny_transformer
-from hub_server import LocalHub, unreachable_url
+from tests.conftest import TINY_CONFIG, random_tiny_transformer
+from tests.hub_server import LocalHub, unreachable_url
 from pixelrepa_diffusers import JiTFlowMatchScheduler, MaskedTransformerAdapter, PixelREPAPipeline
 from pixelrepa_diffusers.hub import (
     CARD_VARIANTS,

@@ -6,10 +6,10 @@ import huggingface_hub
 import pytest
 import torch
 
-from conftest import random_tiny_transformer
-from hub_server import LocalHub
 from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
 from pixelrepa_diffusers.hub import push_pipeline_to_hub
+from tests.conftest import random_tiny_transformer
+from tests.hub_server import LocalHub
 
 REPO_ID = "tester/tiny-variants"
 TOKEN = "hf_local_test_token"

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from official_fixtures import load_fixture, official_state, relative_error, small_transformer_config
+from tests.official_fixtures import load_fixture, official_state, relative_error
 from pixelrepa_diffusers import JiTTransformer2DModel, MaskedTransformerAdapter
 from pixelrepa_diffusers.alignment import ALIGNMENTS, REPAProjector
-from pixelrepa_diffusers.conversion import rename_official_keys
+from pixelrepa_diffusers.conversion import our_config, rename_official_keys
 from pixelrepa_diffusers.losses import (
     PixelREPATrainingObjective,
     TrainingDraws,
@@ -18,15 +18,11 @@ from pixelrepa_diffusers.losses import (
 def official_objective(alignment="pixelrepa"):
     """The objective with the official fixture weights and the fixture's recipe settings."""
     jit_tensors, jit_metadata = load_fixture("jit_small.safetensors")
-    transformer = JiTTransformer2DModel(**small_transformer_config(jit_metadata["config"]))
+    transformer = JiTTransformer2DModel(**our_config(jit_metadata["config"], JiTTransformer2DModel))
     transformer.load_state_dict(rename_official_keys(official_state(jit_tensors, jit_metadata)))
     mta_tensors, mta_metadata = load_fixture("mta_small.safetensors")
     config = mta_metadata["config"]
-    adapter = MaskedTransformerAdapter(
-        sample_size=config["input_size"], patch_size=config["patch_size"], hidden_size=config["hidden_size"],
-        num_layers=config["depth"], num_attention_heads=config["num_heads"], mlp_ratio=config["mlp_ratio"],
-        num_classes=config["num_classes"], in_context_len=config["in_context_len"], out_channels=config["out_channels"],
-    )
+    adapter = MaskedTransformerAdapter(**our_config(config, MaskedTransformerAdapter))
     adapter.load_state_dict(rename_official_keys(official_state(mta_tensors, mta_metadata)))
     tensors, metadata = load_fixture("loss_small.safetensors")
     args = metadata["denoiser_args"]

@@ -8,12 +8,12 @@ import torch
 from diffusers.models.attention_dispatch import attention_backend
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from official_fixtures import load_fixture, official_state, relative_error, small_transformer_config
 from pixelrepa_diffusers import (
     JiTAttnProcessor, JiTFlowMatchScheduler, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel,
     MaskedTransformerAdapter, PixelREPAPipeline,
 )
-from pixelrepa_diffusers.conversion import rename_official_keys
+from pixelrepa_diffusers.conversion import our_config, rename_official_keys
+from tests.official_fixtures import load_fixture, official_state, relative_error
 
 # The backends of diffusers' dispatch that run on any CPU (flex runs too, unfused, without compile).
 CPU_BACKENDS = ("native", "_native_math", "_native_flash", "flex")
@@ -29,7 +29,7 @@ def restore_active_backend():
 def official_small():
     """The official small JiT fixture: our model with its weights, and its inputs and forward output."""
     tensors, metadata = load_fixture("jit_small.safetensors")
-    model = JiTTransformer2DModel(**small_transformer_config(metadata["config"]))
+    model = JiTTransformer2DModel(**our_config(metadata["config"], JiTTransformer2DModel))
     model.load_state_dict(rename_official_keys(official_state(tensors, metadata)))
     return model.eval(), (tensors["input.x"], tensors["input.t"], tensors["input.y"]), tensors["output.forward"]
 
@@ -37,11 +37,7 @@ def official_small():
 def official_small_adapter():
     tensors, metadata = load_fixture("mta_small.safetensors")
     config = metadata["config"]
-    adapter = MaskedTransformerAdapter(
-        sample_size=config["input_size"], patch_size=config["patch_size"], hidden_size=config["hidden_size"],
-        num_layers=config["depth"], num_attention_heads=config["num_heads"], mlp_ratio=config["mlp_ratio"],
-        num_classes=config["num_classes"], in_context_len=config["in_context_len"], out_channels=config["out_channels"],
-    )
+    adapter = MaskedTransformerAdapter(**our_config(config, MaskedTransformerAdapter))
     adapter.load_state_dict(rename_official_keys(official_state(tensors, metadata)))
     inputs = (tensors["input.tokens"], tensors["input.t"], tensors["input.y"])
     return adapter.eval(), inputs, tensors["output.adapter"]

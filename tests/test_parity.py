@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from official_fixtures import load_fixture, load_variants, official_state, relative_error, small_transformer_config
 from pixelrepa_diffusers import JiTFlowMatchScheduler, JiTTransformer2DModel, MaskedTransformerAdapter, PixelREPAPipeline
-from pixelrepa_diffusers.conversion import rename_official_keys
+from pixelrepa_diffusers.conversion import our_config, rename_official_keys
+from tests.official_fixtures import load_fixture, load_variants, official_state, relative_error
 
 
 def small_transformer():
     tensors, metadata = load_fixture("jit_small.safetensors")
-    model = JiTTransformer2DModel(**small_transformer_config(metadata["config"]))
+    model = JiTTransformer2DModel(**our_config(metadata["config"], JiTTransformer2DModel))
     model.load_state_dict(rename_official_keys(official_state(tensors, metadata)))
     return model.eval(), tensors
 
@@ -56,28 +56,6 @@ def test_b16_preset_forward_matches_official():
         sample = model.eval()(tensors["input.x"], tensors["input.t"], tensors["input.y"]).sample
     assert tensors["input.y"].max() == 1000
     assert relative_error(sample, tensors["output.forward"]) <= 1e-5
-
-
-@pytest.mark.parametrize("fixture, backbone", [("mta_small.safetensors", None), ("mta_b16.safetensors", "JiT-B/16")])
-def test_adapter_matches_official(fixture, backbone):
-    tensors, metadata = load_fixture(fixture)
-    config = metadata["config"]
-    if backbone is None:
-        adapter = MaskedTransformerAdapter(
-            sample_size=config["input_size"], patch_size=config["patch_size"], hidden_size=config["hidden_size"],
-            num_layers=config["depth"], num_attention_heads=config["num_heads"], mlp_ratio=config["mlp_ratio"],
-            num_classes=config["num_classes"], in_context_len=config["in_context_len"],
-            out_channels=config["out_channels"],
-        )
-    else:
-        adapter = MaskedTransformerAdapter.from_preset(backbone, out_channels=config["out_channels"])
-    state = rename_official_keys(official_state(tensors, metadata))
-    if adapter.projection is None:
-        state = {key: value for key, value in state.items() if not key.startswith("projection.")}
-    adapter.load_state_dict(state)
-    with torch.no_grad():
-        features = adapter.eval()(tensors["input.tokens"], tensors["input.t"], tensors["input.y"])
-    assert relative_error(features, tensors["output.adapter"]) <= 1e-5
 
 
 @pytest.mark.parametrize("case", ["heun_cfg3", "euler_cfg2", "heun_cfg1", "euler_boundary"])

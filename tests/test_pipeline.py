@@ -9,8 +9,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from conftest import random_tiny_transformer
 from pixelrepa_diffusers import JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline
+from tests.conftest import random_tiny_transformer
 
 ID2LABEL = {i: name for i, name in enumerate(["zero", "one", "two", "three", "four, 4", "five", "six", "seven",
                                                "eight", "nine"])}

@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import TINY_CONFIG
-from official_fixtures import load_fixture, official_state, relative_error, small_transformer_config
 from pixelrepa_diffusers import (
     PRECISIONS, JiTAttnProcessor, JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline,
 )
-from pixelrepa_diffusers.conversion import rename_official_keys
+from pixelrepa_diffusers.conversion import our_config, rename_official_keys
 from pixelrepa_diffusers.pipeline_pixelrepa import precision_context
+from tests.conftest import TINY_CONFIG
+from tests.official_fixtures import load_fixture, official_state, relative_error
 
 # Two heads of 32 channels, so that q k^T (last dim: the 16 or 20 tokens) and weights @ v (last dim 32) differ in shape.
 HEAD_DIM = 32
@@ -103,7 +103,7 @@ def test_model_regime_runs_fp32_weights_in_fp32():
 
 def official_small_transformer():
     tensors, metadata = load_fixture("jit_small.safetensors")
-    model = JiTTransformer2DModel(**small_transformer_config(metadata["config"]))
+    model = JiTTransformer2DModel(**our_config(metadata["config"], JiTTransformer2DModel))
     model.load_state_dict(rename_official_keys(official_state(tensors, metadata)))
     return model.eval()
 

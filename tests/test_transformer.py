@@ -1,10 +1,8 @@
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, random_tiny_transformer
-from pixelrepa_diffusers import (
-    JIT_PRESETS, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel, MaskedTransformerAdapter,
-)
+from pixelrepa_diffusers import JIT_PRESETS, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel
+from tests.conftest import TINY_CONFIG, random_tiny_transformer
 
 
 @pytest.mark.parametrize("name, millions", [("JiT-B/16", 131), ("JiT-L/16", 459), ("JiT-H/16", 953)])
@@ -26,8 +24,6 @@ def test_all_presets_build_with_their_resolution():
 def test_unknown_preset_is_refused():
     with pytest.raises(ValueError, match="Unknown JiT preset 'JiT-XL/2'"):
         JiTTransformer2DModel.from_preset("JiT-XL/2")
-    with pytest.raises(ValueError, match="Unknown JiT preset"):
-        MaskedTransformerAdapter.from_preset("DiT-B/16", out_channels=768)
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_continue_official import official_checkpoint, official_step_fixture
+from tests.test_continue_official import official_checkpoint, official_step_fixture
 
 REPO = Path(__file__).resolve().parent.parent
 

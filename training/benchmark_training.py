@@ -1,6 +1,6 @@
 """Training-step speed of PixelREPA (forward, backward, AdamW, two EMAs) against a baseline in the same run.
 
-    python training/benchmark_training.py --model JiT-B/16 --batch_size 128 --mixed_precision bf16 --compile \
+    python -m training.benchmark_training --model JiT-B/16 --batch_size 128 --mixed_precision bf16 --compile \
         --peak_tflops 989 --reference_repo reference/PixelREPA
 
 One step of ours: PixelREPATrainingObjective (backbone, masked adapter, frozen DINOv2-B encoder) under autocast,
@@ -8,7 +8,7 @@ backward, fused AdamW, foreach-lerp EMAs (0.9999, 0.9996), no host syncs. Baseli
 its engine runs it (loss .item() calls, AdamW, a device sync, per-parameter EMA loops; its encoder a timm ViT of the
 same shape) when `--reference_repo` is given; otherwise our objective with fp32 attention that materialises the
 matrix, plain AdamW and no compile. Both use random weights (no downloads) and a fixed batch already on the
-device, so data loading is not timed. FLOPs are counted analytically (see pixelrepa_diffusers.benchmarking).
+device, so data loading is not timed. FLOPs are counted analytically (see pipelines/benchmark_utils.py).
 """
 
 import argparse
@@ -20,28 +20,30 @@ import tempfile
 import torch
 from transformers import Dinov2Config, Dinov2Model
 
-from pixelrepa_diffusers import JiTTransformer2DModel, MaskedTransformerAdapter
-from pixelrepa_diffusers.benchmarking import (
+from pipelines.benchmark_utils import (
     alternating_timings,
     describe_machine,
     format_bytes,
-    import_official,
     load_average,
     materialize_attention,
     median,
     model_flops_utilization,
-    official_denoiser_args,
-    official_sources,
-    register_official_models,
     run_benchmark_cli,
     tensor_bytes,
     training_flops,
     vit_encoder_flops,
 )
+from pipelines.official_code import (
+    import_official,
+    official_denoiser_args,
+    official_sources,
+    register_official_models,
+)
+from pixelrepa_diffusers import JiTTransformer2DModel, MaskedTransformerAdapter
+from pixelrepa_diffusers.commands import OneLineArgumentParser
 from pixelrepa_diffusers.encoders import AlignmentEncoder
 from pixelrepa_diffusers.losses import PixelREPATrainingObjective
 from pixelrepa_diffusers.training_utils import ExponentialMovingAverage
-from pixelrepa_diffusers.commands import OneLineArgumentParser
 
 EMA_DECAYS = (0.9999, 0.9996)
 ADAMW = dict(lr=2.5e-5, betas=(0.9, 0.95), weight_decay=0.0)
@@ -98,11 +100,7 @@ def build_objective(args, device, plain: bool):
     config = transformer.config
     encoder_settings = encoder_config(args, config)
     encoder = AlignmentEncoder(Dinov2Model(encoder_settings), config.sample_size)
-    adapter = MaskedTransformerAdapter(
-        sample_size=config.sample_size, patch_size=config.patch_size, hidden_size=config.hidden_size,
-        num_attention_heads=config.num_attention_heads, mlp_ratio=config.mlp_ratio, num_classes=config.num_classes,
-        in_context_len=config.in_context_len, out_channels=encoder_settings.hidden_size,
-    )
+    adapter = MaskedTransformerAdapter.from_transformer_config(config, out_channels=encoder_settings.hidden_size)
     if plain:
         materialize_attention(transformer)
         materialize_attention(adapter)
@@ -159,17 +157,13 @@ def official_step(args, device, transformer_config):
 
     with tempfile.TemporaryDirectory() as directory:
         source_dir = official_sources(args.reference_repo, directory)
-        model_module, denoiser_module, misc_module = import_official(source_dir, create_model, device)
-    adapter_config = argparse.Namespace(
-        sample_size=transformer_config.sample_size, patch_size=transformer_config.patch_size,
-        hidden_size=transformer_config.hidden_size, num_layers=2,
-        num_attention_heads=transformer_config.num_attention_heads, mlp_ratio=transformer_config.mlp_ratio,
-        in_context_len=transformer_config.in_context_len, num_classes=transformer_config.num_classes,
-        out_channels=encoder_settings.hidden_size,
-    )
-    register_official_models(model_module, transformer_config, adapter_config)
-    denoiser = denoiser_module.Denoiser(official_denoiser_args(transformer_config)).to(device).train()
-    optimizer = torch.optim.AdamW(misc_module.add_weight_decay(denoiser, ADAMW["weight_decay"]), lr=ADAMW["lr"],
+        official = import_official(source_dir, create_model, device)
+    with torch.device("meta"):
+        adapter = MaskedTransformerAdapter.from_transformer_config(transformer_config,
+                                                                   out_channels=encoder_settings.hidden_size)
+    register_official_models(official.model, transformer_config, adapter.config)
+    denoiser = official.denoiser.Denoiser(official_denoiser_args(transformer_config)).to(device).train()
+    optimizer = torch.optim.AdamW(official.misc.add_weight_decay(denoiser, ADAMW["weight_decay"]), lr=ADAMW["lr"],
                                   betas=ADAMW["betas"])
     denoiser.ema_params1 = copy.deepcopy(list(denoiser.net.parameters()))
     denoiser.ema_params2 = copy.deepcopy(list(denoiser.net.parameters()))

@@ -1,0 +1,1 @@
+"""The training script and the tools around it (dataset preparation, the training benchmark)."""

@@ -32,10 +32,9 @@ from pixelrepa_diffusers.training_utils import (
     load_adamw_moments,
     load_model_folders,
 )
+from training import train_pixelrepa
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "training"))
-import train_pixelrepa  # noqa: E402
 
 
 def official_step_fixture():

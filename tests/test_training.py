@@ -28,10 +28,9 @@ from pixelrepa_diffusers.training_utils import (
     list_checkpoints,
     remove_incomplete_checkpoints,
 )
+from training import train_pixelrepa
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "training"))
-import train_pixelrepa  # noqa: E402
 
 SCRIPT = REPO / "training" / "train_pixelrepa.py"
 TINY_JIT = dict(sample_size=32, patch_size=8, hidden_size=64, num_layers=4, num_attention_heads=4, num_classes=3,

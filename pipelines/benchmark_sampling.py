@@ -22,7 +22,9 @@ import torch
 import torch.nn as nn
 
 from pipelines.benchmark_utils import (
+    add_benchmark_arguments,
     alternating_timings,
+    check_benchmark_args,
     describe_machine,
     format_bytes,
     load_average,
@@ -80,25 +82,14 @@ def parse_args(argv=None):
                              "_native_cudnn, flash, _flash_3_hub; default: diffusers' active one (native)")
     parser.add_argument("--compile_mode", default="default",
                         help="torch.compile mode; 'reduce-overhead' adds CUDA graphs")
-    parser.add_argument("--reference_repo", default=None,
-                        help="official kaist-cvml/PixelREPA: a work tree, a copy of its files, or a bare git repo")
     parser.add_argument("--forward_only", action="store_true", help="time one transformer forward, not sampling")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each before timing")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top entries for ours")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--num_threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_json", default=None, help="also write the results here")
+    add_benchmark_arguments(parser, warmup=1)
     return parser.parse_args(argv)
 
 
 def check_args(args) -> None:
-    for name in ("batch_size", "num_inference_steps", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}.")
+    check_benchmark_args(args, positive=("batch_size", "num_inference_steps"))
     check_precision(args.precision, DTYPES[args.dtype])
     if args.pretrained_model_name_or_path is not None and args.reference_repo is not None:
         raise ValueError("--pretrained_model_name_or_path and --reference_repo do not combine: the official baseline "

@@ -4,13 +4,13 @@ the CLI body."""
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from pixelrepa_diffusers.commands import run_command
 from pixelrepa_diffusers.transformer_jit import JiTFP32LogitsAttnProcessor
 
 
@@ -159,15 +159,36 @@ def format_bytes(value) -> str:
     return "n/a (CPU)" if value is None else f"{value / 2**30:.2f} GiB"
 
 
-def run_benchmark_cli(args, run, report) -> int:
-    """A benchmark CLI's body: `run(args)`, print its report and write `--output_json`; bad input is one line."""
-    try:
-        results = run(args)
-    except (ValueError, TypeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+def add_benchmark_arguments(parser, warmup: int) -> None:
+    """The flags every benchmark takes: the official code, repeats and warm-up, device, threads, seed and output."""
+    parser.add_argument("--reference_repo", default=None,
+                        help="official kaist-cvml/PixelREPA: a work tree, a copy of its files, or a bare git repo")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed runs of each before timing")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num_threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_json", default=None, help="also write the results here")
+
+
+def check_benchmark_args(args, positive: tuple[str, ...]) -> None:
+    """Raises ValueError naming the flag unless the `positive` flags and --repeats are >= 1 and --warmup >= 0."""
+    for name in (*positive, "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}.")
+
+
+def write_results(args, run, report) -> None:
+    """Runs `run(args)`, prints its report and writes `--output_json`."""
+    results = run(args)
     report(results)
     if args.output_json is not None:
         with open(args.output_json, "w") as file:
             json.dump(results, file, indent=2)
-    return 0
+
+
+def run_benchmark_cli(args, run, report) -> int:
+    """A benchmark CLI's body (see `write_results`); bad input is one `error:` line and exit status 1."""
+    return run_command(lambda: write_results(args, run, report), errors=(ValueError, TypeError))

@@ -21,7 +21,9 @@ import torch
 from transformers import Dinov2Config, Dinov2Model
 
 from pipelines.benchmark_utils import (
+    add_benchmark_arguments,
     alternating_timings,
+    check_benchmark_args,
     describe_machine,
     format_bytes,
     load_average,
@@ -61,27 +63,16 @@ def parse_args(argv=None):
     parser.add_argument("--gradient_checkpointing", action="store_true", help="ours only")
     parser.add_argument("--compile", action="store_true", help="torch.compile our objective (static shapes)")
     parser.add_argument("--compile_mode", default="default", help="torch.compile mode, e.g. max-autotune")
-    parser.add_argument("--reference_repo", default=None,
-                        help="official kaist-cvml/PixelREPA: a work tree, a copy of its files, or a bare git repo")
     parser.add_argument("--skip_baseline", action="store_true", help="time ours only (e.g. when the baseline OOMs)")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for MFU (H100 SXM dense bf16: 989)")
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed run")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each before timing")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--num_threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_json", default=None, help="also write the results here")
+    add_benchmark_arguments(parser, warmup=3)
     return parser.parse_args(argv)
 
 
 def check_args(args) -> None:
-    for name in ("batch_size", "steps", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}.")
+    check_benchmark_args(args, positive=("batch_size", "steps"))
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise ValueError(f"--peak_tflops must be > 0, got {args.peak_tflops}.")
     if args.reference_repo is not None and args.skip_baseline:

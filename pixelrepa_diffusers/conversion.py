@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from .adapter_pixelrepa import MaskedTransformerAdapter
+from .alignment import ALIGNMENTS
 from .hub import CARD_VARIANTS, render_model_card, variant_card_settings
 from .pipeline_pixelrepa import PixelREPAPipeline
 from .scheduling_jit_flow_match import JiTFlowMatchScheduler
@@ -24,8 +25,8 @@ from .transformer_jit import JIT_PRESETS, JiTTransformer2DModel, swiglu_inner_di
 # The only non-tensor class an official checkpoint holds: its training args.
 CHECKPOINT_ALLOWED_GLOBALS = [argparse.Namespace]
 WEIGHT_ENTRIES = {"ema1": "model_ema1", "ema2": "model_ema2", "model": "model"}
-# Official save formats (util/misc.py save_model of each codebase), and the method each one trains.
-FORMAT_METHODS = {"pixelrepa": "PixelREPA", "jit": "JiT"}
+# Official save formats (util/misc.py save_model of each codebase), and the alignment method each one trains.
+FORMAT_ALIGNMENTS = {"pixelrepa": ALIGNMENTS["pixelrepa"], "jit": ALIGNMENTS["none"]}
 ADAPTER_PREFIX = "masked_transformer_adapter."
 # A JiT checkpoint has no mask_token; ours is drawn as the official init N(0, 0.02) from this seed.
 MASK_TOKEN_SEED = 0
@@ -307,7 +308,8 @@ def imagenet_id2label(num_classes: int) -> dict[int, str]:
 
 def official_variant(checkpoint: dict, model: str | None = None) -> str | None:
     """The name ("PixelREPA-B/16", "JiT-H/32", ...) of the released variant a checkpoint is of, else None."""
-    key = (FORMAT_METHODS[checkpoint_format(checkpoint)], model or getattr(checkpoint["args"], "model", None))
+    method = FORMAT_ALIGNMENTS[checkpoint_format(checkpoint)].card_name
+    key = (method, model or getattr(checkpoint["args"], "model", None))
     return CARD_VARIANTS[key]["name"] if key in CARD_VARIANTS else None
 
 
@@ -325,7 +327,7 @@ def convert_official_checkpoint(checkpoint_path: str, output_dir: str, weights: 
     config = {key: value for key, value in transformer.config.items() if not key.startswith("_")}
     adapter = adapter_from_checkpoint(checkpoint, config)
 
-    method = FORMAT_METHODS[checkpoint_format(checkpoint)]
+    method = FORMAT_ALIGNMENTS[checkpoint_format(checkpoint)].card_name
     variant = official_variant(checkpoint, model)
     repo_id = f"<user>/{os.path.basename(os.path.abspath(output_dir))}"
     if variant is not None:
@@ -367,7 +369,7 @@ def save_converted(directory: str, pipeline: PixelREPAPipeline, adapter: MaskedT
     pipeline.save_pretrained(directory, safe_serialization=True)
     card.save(os.path.join(directory, "README.md"))
     if adapter is not None:
-        adapter.save_pretrained(os.path.join(directory, "adapter"), safe_serialization=True)
+        adapter.save_pretrained(os.path.join(directory, ALIGNMENTS["pixelrepa"].folder), safe_serialization=True)
 
 
 def write_atomically(output_dir: str, write) -> None:
@@ -445,16 +447,17 @@ def convert_official_training_checkpoint(checkpoint_path: str, output_dir: str, 
     folders = {folder: transformer_from_checkpoint(checkpoint, weights, model, in_context_start)
                for folder, weights in (("transformer", "model"), ("ema_1", "ema1"), ("ema_2", "ema2"))}
     adapter = adapter_from_checkpoint(checkpoint, dict(folders["transformer"].config))
+    method = FORMAT_ALIGNMENTS[checkpoint_format(checkpoint)]
     parameter_names = {f"transformer.{name}" for name, _ in folders["transformer"].named_parameters()}
-    if adapter is None:
-        parameter_names.discard("transformer.mask_token")  # trained only with the adapter
-    else:
-        folders["adapter"] = adapter
+    if not method.masks_tokens:
+        parameter_names.discard("transformer.mask_token")  # trained only by a method that masks tokens
+    if adapter is not None:
+        folders[method.folder] = adapter
         parameter_names |= {f"aligner.{name}" for name, _ in adapter.named_parameters()}
     moments = official_adamw_moments(checkpoint, parameter_names)
     run_state = {
         "official_epochs": int(checkpoint["epoch"]) + 1,
-        "alignment": "none" if adapter is None else "pixelrepa",
+        "alignment": method.name,
         "ema_decays": [float(args.ema_decay1), float(args.ema_decay2)],
         "official_args": {key: str(value) for key, value in sorted(vars(args).items())},
     }

@@ -55,9 +55,9 @@ PACKAGE = __name__.split(".")[0]
 RELATIVE_IMPORT = re.compile(r"^(\s*from\s+)\.(\w+)(\s+import\s)", re.MULTILINE)
 PACKAGE_IMPORT = re.compile(rf"^\s*(from|import)\s+{PACKAGE}\b", re.MULTILINE)
 UPLOADED_SUFFIXES = (".safetensors", ".json")
-# Model folders that are not pipeline components but belong with the weights: the PixelREPA adapter the converter
-# writes, so training can continue from a published checkpoint.
-EXTRA_MODEL_FOLDERS = ("adapter",)
+# Model folders that are not pipeline components but belong with the weights: the aligners that training exports
+# (the PixelREPA adapter, also written by the converter), so training can continue from a published checkpoint.
+EXTRA_MODEL_FOLDERS = tuple(method.folder for method in ALIGNMENTS.values() if method.exports_aligner)
 
 
 def render_model_card(

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 torch.set_num_threads(2)
@@ -18,3 +19,15 @@ def random_tiny_transformer(seed: int = 0):
         for parameter in model.parameters():
             parameter.normal_(0, 0.1)
     return model.eval()
+
+
+@pytest.fixture
+def bf16_fixture_isa():
+    """Fails the test, saying how to run it, unless oneDNN runs the bf16 kernels the bf16 fixtures were made with."""
+    from tests.official_fixtures import BF16_FIXTURE_ISA, bf16_isa_problem
+
+    problem = bf16_isa_problem()
+    if problem is not None:
+        pytest.fail(f"{problem}. This test compares bf16 numbers with a committed fixture; run it as "
+                    f"`ONEDNN_MAX_CPU_ISA={BF16_FIXTURE_ISA} .venv/bin/python -m pytest ...` "
+                    "(`bash .ci/run` sets it).", pytrace=False)

@@ -1,6 +1,7 @@
 """Loading of the committed official-code fixtures (see tests/fixtures/official/README.md)."""
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -10,6 +11,22 @@ from pipelines.official_code import random_official_state_dict
 from tests.official_weights import load_manifest
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
+# The instruction set that oneDNN is capped to, by ONEDNN_MAX_CPU_ISA in the environment the process starts with,
+# wherever a bf16 computation is compared with a committed fixture, and in the fixture maker. oneDNN picks its bf16
+# kernels by instruction set, and its AMX and AVX-512 bf16 kernels round apart from the AVX2 path (which leaves bf16
+# matrix products to ATen), so fixtures made on one CPU would otherwise fail on another.
+BF16_FIXTURE_ISA = "AVX2"
+
+
+def bf16_isa_problem() -> str | None:
+    """Why this process's bf16 kernels are not the ones the bf16 fixtures were made with, or None if they are."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    if isa != BF16_FIXTURE_ISA:
+        return f"ONEDNN_MAX_CPU_ISA is {isa!r}, expected {BF16_FIXTURE_ISA!r}"
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return (f"ONEDNN_MAX_CPU_ISA={BF16_FIXTURE_ISA} is set but oneDNN still runs bf16 kernels: it was set after "
+                "the process started")
+    return None
 
 
 def load_fixture(name: str):

@@ -141,6 +141,7 @@ def test_regional_compile_of_the_adapter_with_a_backend_matches_the_official_ada
         assert relative_error(adapter(*inputs), expected) <= 1e-5
 
 
+@pytest.mark.usefixtures("bf16_fixture_isa")
 def test_fp8_layerwise_casting_keeps_the_skipped_layers_and_stays_near_the_official_forward():
     model, (x, t, y), expected = official_small()
     model.to(torch.bfloat16)
@@ -162,6 +163,7 @@ def test_fp8_layerwise_casting_keeps_the_skipped_layers_and_stays_near_the_offic
     assert relative_error(cast, expected) <= 0.03 and relative_error(cast, bf16) <= 0.03
 
 
+@pytest.mark.usefixtures("bf16_fixture_isa")
 def test_fp8_layerwise_casting_runs_on_the_adapter_and_in_the_pipeline():
     adapter, (tokens, t, y), expected = official_small_adapter()
     adapter.to(torch.bfloat16).enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
@@ -215,6 +217,7 @@ def test_backend_switched_and_blocks_compiled_match_the_official_forward_in_fp32
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("bf16_fixture_isa")
 def test_backend_switched_blocks_compiled_and_layers_cast_stay_near_the_official_forward():
     cast_model, (x, t, y), expected = official_small()
     cast_model.set_attention_backend("_native_math")

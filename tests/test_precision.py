@@ -108,8 +108,9 @@ def official_small_transformer():
     return model.eval()
 
 
+@pytest.mark.usefixtures("bf16_fixture_isa")
 def test_official_regime_forward_matches_the_official_code_in_its_regime():
-    # Bit-exact on the CPU that made the fixture (1 and 2 threads); another CPU's bf16 kernels may round apart.
+    # Bit-exact with oneDNN capped to the fixture's instruction set (1 and 2 threads).
     model = official_small_transformer()
     tensors, _ = load_fixture("official_precision_small.safetensors")
     x, t, y = tensors["input.x"], tensors["input.t"], tensors["input.y"]
@@ -126,6 +127,7 @@ def test_official_regime_forward_matches_the_official_code_in_its_regime():
     assert relative_error(sdpa, expected) > 1e-3 and relative_error(fp32, expected) > 1e-3
 
 
+@pytest.mark.usefixtures("bf16_fixture_isa")
 def test_official_regime_steps_match_official_generate_under_autocast():
     # Every Heun step starts from the official state before it, so each step's error is that of one step: whole
     # 8-step samples of this random model drift apart by ~3% on a CPU whose bf16 kernels round a single value apart.

@@ -1,0 +1,59 @@
+"""The bf16 fixture tests and the fixture maker refuse to run unless oneDNN is capped to BF16_FIXTURE_ISA."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.official_fixtures import BF16_FIXTURE_ISA
+
+ROOT = Path(__file__).resolve().parent.parent
+BF16_FIXTURE_TEST = "tests/test_precision.py::test_official_regime_forward_matches_the_official_code_in_its_regime"
+
+
+def run(arguments, isa):
+    env = {key: value for key, value in os.environ.items() if key != "ONEDNN_MAX_CPU_ISA"}
+    if isa is not None:
+        env["ONEDNN_MAX_CPU_ISA"] = isa
+    return subprocess.run([sys.executable, *arguments], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("isa", [None, "AVX512_CORE"])
+def test_a_bf16_fixture_test_fails_saying_how_to_run_it_without_the_cap(isa):
+    result = run(["-m", "pytest", "-p", "no:cacheprovider", "-q", BF16_FIXTURE_TEST], isa)
+    assert result.returncode == 1, result.stdout
+    assert "1 error" in result.stdout  # the fixture fails the test before it starts
+    assert f"ONEDNN_MAX_CPU_ISA is {isa!r}, expected 'AVX2'" in result.stdout
+    assert "run it as `ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python -m pytest ...` (`bash .ci/run` sets it)" in result.stdout
+
+
+def test_a_bf16_fixture_test_passes_with_the_cap():
+    result = run(["-m", "pytest", "-p", "no:cacheprovider", "-q", BF16_FIXTURE_TEST], BF16_FIXTURE_ISA)
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout
+
+
+def test_a_cap_set_after_start_is_caught_where_onednn_has_bf16_kernels():
+    probe = "import torch; print(torch.ops.mkldnn._is_mkldnn_bf16_supported())"
+    has_bf16_kernels = run(["-c", probe], None).stdout.strip() == "True"
+    late = ("import os, torch; torch.nn.functional.linear(torch.ones(8, 8).bfloat16(), torch.ones(8, 8).bfloat16()); "
+            "os.environ['ONEDNN_MAX_CPU_ISA'] = 'AVX2'; from tests.official_fixtures import bf16_isa_problem; "
+            "print(bf16_isa_problem())")
+    problem = run(["-c", late], None).stdout.strip()
+    if has_bf16_kernels:  # this CPU's oneDNN runs bf16 kernels, so a late cap is seen not to be in force
+        assert problem == ("ONEDNN_MAX_CPU_ISA=AVX2 is set but oneDNN still runs bf16 kernels: it was set after the "
+                           "process started")
+    else:  # an AVX2-only CPU: the cap changes nothing, and the check finds the kernels the fixtures were made with
+        assert problem == "None"
+
+
+def test_the_fixture_maker_refuses_without_the_cap(tmp_path):
+    result = run(["-m", "tests.fixtures.make_official_fixtures", "--reference_repo", str(tmp_path),
+                  "--jit_reference_repo", str(tmp_path), "--output_dir", str(tmp_path / "out")], None)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: ONEDNN_MAX_CPU_ISA is None, expected 'AVX2'; the bf16 fixtures are made with oneDNN capped to one "
+        "instruction set: run `ONEDNN_MAX_CPU_ISA=AVX2 python -m tests.fixtures.make_official_fixtures ...`"]
+    assert not (tmp_path / "out").exists()

@@ -6,16 +6,18 @@ from collections.abc import Callable
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .scheduling_jit_flow_match import JiTFlowMatchScheduler, check_guidance_interval, in_guidance_interval
+from .scheduling_jit_flow_match import FLOW_SETTINGS, JiTFlowMatchScheduler, check_guidance_interval, in_guidance_interval
 from .transformer_jit import JiTAttnProcessor, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel
 
-OUTPUT_TYPES = ("pil", "np", "pt")
+# "latent": the sample as the ODE leaves it, in [-1, 1] up to the model's error, before any post-processing.
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # Numerical regimes of the transformer while sampling (the ODE state is fp32 in all of them):
 #   "model": the transformer in its own weight dtype with autocast off, and its own attention processors
 #       (JiTAttnProcessor through diffusers' attention dispatch, torch SDPA, by default).
@@ -34,6 +36,12 @@ SCHEDULER_CLASSES = {cls.__name__: cls for cls in (JiTFlowMatchScheduler, *DIFFU
 # What from_pretrained downloads of a repo besides the transformer's weights (safetensors, else .bin): never code.
 PIPELINE_FILES = ["model_index.json", "transformer/*.json", "scheduler/*.json"]
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# This package's component classes by name: (their module, as save_pretrained names it in model_index.json, and
+# the name of its published file, e.g. "transformer_jit").
+COMPONENT_MODULES = {
+    component.__name__: (component.__module__, component.__module__.rpartition(".")[2])
+    for component in (JiTTransformer2DModel, JiTFlowMatchScheduler)
+}
 
 
 class PixelREPAPipeline(DiffusionPipeline):
@@ -76,11 +84,16 @@ class PixelREPAPipeline(DiffusionPipeline):
             for name in names.split(","):
                 self.labels[name.strip()] = index
         self.image_processor = VaeImageProcessor(vae_scale_factor=1)
+        # The state of a call, which callbacks read and may change (see the properties below).
+        self._guidance_scale = guidance_scale
+        self._num_timesteps = 0
+        self._interrupt = False
 
     @classmethod
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
+        dtype: torch.dtype | dict[str, torch.dtype] | None = None,
         torch_dtype: torch.dtype | dict[str, torch.dtype] | None = None,
         variant: str | None = None,
         use_safetensors: bool | None = None,
@@ -95,24 +108,25 @@ class PixelREPAPipeline(DiffusionPipeline):
     ) -> "PixelREPAPipeline":
         """
         Loads a saved pipeline folder or a Hub repo id with this package's classes, online or offline from the HF
-        cache, with the arguments of `DiffusionPipeline.from_pretrained` that apply to a transformer and a scheduler:
+        cache, through `DiffusionPipeline.from_pretrained` with the arguments of it that apply to a transformer and a
+        scheduler:
 
-        - torch_dtype: the transformer's dtype, or a dict of component name (or "default") to dtype.
+        - dtype (diffusers' name; `torch_dtype`, deprecated there, also works): the transformer's dtype, or a dict of
+          component name (or "default") to dtype.
         - variant: load `diffusion_pytorch_model.<variant>.safetensors` (as `save_pretrained(variant=...)` writes).
         - use_safetensors: None prefers safetensors and falls back to `.bin` (loaded with `weights_only=True`); True
           requires safetensors; False loads `.bin`.
-        - device_map ("auto", "balanced", a device or a dict) and low_cpu_mem_usage: passed to the transformer's
-          `from_pretrained`, the only model.
+        - device_map and low_cpu_mem_usage: as in `DiffusionPipeline.from_pretrained`.
         - revision, cache_dir, token, local_files_only, force_download, proxies: passed to `snapshot_download` for a
           repo id.
 
         Repos pushed by `push_pipeline_to_hub` also carry remote code for
-        `DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)`; this method neither downloads nor runs it.
+        `DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)`. This method neither downloads nor runs
+        it: a repo id is downloaded here, configs and weights only (diffusers' `download` would fetch the code files
+        its model index names), and `load_config` reads the model index as naming this package's classes.
         """
         folder = str(pretrained_model_name_or_path)
-        if os.path.isdir(folder):
-            files_found = weight_files(folder)
-        else:
+        if not os.path.isdir(folder):
             try:
                 validate_repo_id(folder)
             except HFValidationError:
@@ -126,34 +140,34 @@ class PixelREPAPipeline(DiffusionPipeline):
                                            **download)
                 if weight_files(folder):
                     break
-            files_found = weight_files(folder)
-            if variant is not None and not files_found:
-                listing = snapshot_download(repo_id, allow_patterns=["transformer/*"], dry_run=True, **download)
-                files_found = sorted(os.path.basename(info.filename) for info in listing
-                                     if info.filename.endswith(WEIGHT_SUFFIXES))
-        if variant is not None and not any(f".{variant}." in name for name in files_found):
-            raise ValueError(f"{pretrained_model_name_or_path} has no {variant!r} variant of the transformer weights "
-                             f"(transformer/diffusion_pytorch_model.{variant}.safetensors); its weight files: "
-                             f"{', '.join(files_found) or 'none'}.")
         config = cls.load_config(folder)
         scheduler_class = config["scheduler"][1]
         if scheduler_class not in SCHEDULER_CLASSES:
             raise TypeError(f"{folder} has a {scheduler_class} scheduler; expected one of {sorted(SCHEDULER_CLASSES)}.")
-        if isinstance(torch_dtype, dict):
-            torch_dtype = torch_dtype.get("transformer", torch_dtype.get("default", torch.float32))
-        transformer = JiTTransformer2DModel.from_pretrained(
-            folder, subfolder="transformer", torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors,
+        pipeline = super().from_pretrained(
+            folder, dtype=dtype, torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors,
             device_map=device_map, low_cpu_mem_usage=low_cpu_mem_usage,
-        )
-        pipeline = cls(
-            transformer=transformer,
-            scheduler=SCHEDULER_CLASSES[scheduler_class].from_pretrained(folder, subfolder="scheduler"),
-            id2label=config["id2label"],
-            guidance_scale=config["guidance_scale"],
-            guidance_interval=config["guidance_interval"],
         )
         pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         return pipeline
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """
+        diffusers' `load_config`, reading a model index published with remote code as naming this package's
+        classes: its `[module, class]` entries name the published copies of this package's modules (see
+        `hub.remote_code_files`), and loading must never import code from a repository.
+        """
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if config.get("_class_name") == [cls.__module__.rpartition(".")[2], cls.__name__]:
+            config["_class_name"] = cls.__name__
+        for name, entry in config.items():
+            if isinstance(entry, list) and len(entry) == 2 and entry[1] in COMPONENT_MODULES:
+                module, published_module = COMPONENT_MODULES[entry[1]]
+                if entry[0] == published_module:
+                    config[name] = [module, entry[1]]
+        return loaded
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Class indices of ImageNet-style class names (any comma-separated synonym of `id2label` works)."""
@@ -220,6 +234,7 @@ class PixelREPAPipeline(DiffusionPipeline):
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
         if not uses_jit_scheduler(self.scheduler):
+            self.flow_settings()
             num_train_timesteps = self.scheduler.config.num_train_timesteps
             if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
                 raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}.")
@@ -227,6 +242,26 @@ class PixelREPAPipeline(DiffusionPipeline):
                 raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}] for "
                                  f"{type(self.scheduler).__name__} (its num_train_timesteps), got "
                                  f"{num_inference_steps}.")
+
+    @property
+    def guidance_scale(self) -> float:
+        """The guidance scale of the running call (the registered default before any call); callbacks may change
+        it through `_guidance_scale`."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale != 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        """The number of model evaluations of the running (or last) call, one callback each."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `_interrupt = True` from a callback to stop sampling; the call returns the sample reached."""
+        return self._interrupt
 
     @torch.no_grad()
     def __call__(
@@ -239,7 +274,7 @@ class PixelREPAPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         precision: str = "model",
     ):
@@ -251,14 +286,19 @@ class PixelREPAPipeline(DiffusionPipeline):
             guidance_interval: (min, max) JiT-time interval for CFG; defaults to the registered value.
             generator: torch generator(s) for the initial noise, one per image if a list.
             latents: standard-normal initial noise (B, C, H, W); scaled by the scheduler's `noise_scale`.
-            output_type: "pil", "np" (B, H, W, C) in [0, 1], or "pt" (B, C, H, W) in [0, 1].
+            output_type: "pil", "np" (B, H, W, C) in [0, 1], "pt" (B, C, H, W) in [0, 1], or "latent": the sample
+                as the sampler produced it (B, C, H, W), in [-1, 1] up to the model's error, not post-processed.
             return_dict: return an `ImagePipelineOutput` instead of a tuple.
-            callback_on_step_end: called as `fn(pipe, step, t, tensors)` after each scheduler step; may return
-                replacements for the tensors named in `callback_on_step_end_tensor_inputs`.
+            callback_on_step_end: called as `fn(pipe, step, t, tensors)` after each model evaluation (a
+                `PipelineCallback` too); may return replacements for the tensors named in
+                `callback_on_step_end_tensor_inputs`, and may change `pipe._guidance_scale` or set
+                `pipe._interrupt = True` for the rest of the call.
             precision: the transformer's numerical regime, one of `PRECISIONS`: "model" (its weight dtype, no
                 autocast), "official" (the papers': fp32 weights, bf16 autocast, fp32 attention logits) or
                 "bf16_sdpa" (bf16 autocast, SDPA attention in bf16). The last two need fp32 weights.
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         guidance_interval = tuple(self.config.guidance_interval if guidance_interval is None else guidance_interval)
         self.check_inputs(class_labels, num_inference_steps, guidance_interval, generator, latents, output_type,
@@ -276,14 +316,20 @@ class PixelREPAPipeline(DiffusionPipeline):
         jit_scheduler = uses_jit_scheduler(self.scheduler)
         timesteps = self.evaluation_times(num_inference_steps, device, jit_scheduler,
                                           None if guidance_scale == 1.0 else guidance_interval)
-        guided_steps = self.guided_steps(timesteps, guidance_scale, guidance_interval)
+        in_interval = in_guidance_interval(timesteps.detach().to("cpu", torch.float32), guidance_interval).tolist()
         class_labels = torch.tensor(labels, device=device)
         null_labels = torch.full_like(class_labels, config.num_classes)
         model_dtype = self.transformer.dtype
+        self._guidance_scale = guidance_scale
+        self._num_timesteps = len(timesteps)
+        self._interrupt = False
 
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
-                if guided_steps[i]:
+                if self.interrupt:
+                    break
+                guided = self.do_classifier_free_guidance and in_interval[i]
+                if guided:
                     model_input = torch.cat([latents, latents])
                     labels_input = torch.cat([class_labels, null_labels])
                 else:
@@ -292,9 +338,9 @@ class PixelREPAPipeline(DiffusionPipeline):
                     x_pred = self.transformer(
                         model_input.to(model_dtype), t.expand(model_input.shape[0]), labels_input
                     ).sample.float()
-                if guided_steps[i]:
+                if guided:
                     x_cond, x_uncond = x_pred.chunk(2)
-                    x_pred = x_uncond + guidance_scale * (x_cond - x_uncond)
+                    x_pred = x_uncond + self.guidance_scale * (x_cond - x_uncond)
                 if jit_scheduler:
                     latents = self.scheduler.step(x_pred, t, latents).prev_sample
                 else:
@@ -305,9 +351,17 @@ class PixelREPAPipeline(DiffusionPipeline):
                     callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
+                    # The callback may replace the state but not its shape: the next evaluation takes it as is.
+                    if not isinstance(latents, torch.Tensor) or latents.shape != shape:
+                        found = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                        raise ValueError(f"callback_on_step_end returned latents of shape {found}; expected a "
+                                         f"tensor of shape {shape}.")
                 progress_bar.update()
 
-        images = self.image_processor.postprocess(latents, output_type=output_type)
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.image_processor.postprocess(latents, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
@@ -318,9 +372,12 @@ class PixelREPAPipeline(DiffusionPipeline):
         (noise_scale, t_eps) of the model: the JiT scheduler's, which a diffusers scheduler made with
         `X.from_config(pipe.scheduler.config, ...)` carries in its config.
         """
-        defaults = JiTFlowMatchScheduler().config
-        return (self.scheduler.config.get("noise_scale", defaults.noise_scale),
-                self.scheduler.config.get("t_eps", defaults.t_eps))
+        config = self.scheduler.config
+        if any(name not in config for name in FLOW_SETTINGS):
+            name = type(self.scheduler).__name__
+            raise ValueError(f"scheduler {name} lacks the model's {' and '.join(FLOW_SETTINGS)}; build it with "
+                             f"{name}.from_config(pipe.scheduler.config, ...) from the pipeline's JiT scheduler.")
+        return config.noise_scale, config.t_eps
 
     def evaluation_times(self, num_inference_steps: int, device, jit_scheduler: bool, guidance_interval) -> torch.Tensor:
         """Sets the scheduler's timesteps; returns the JiT times of the model evaluations (t = 1 - sigma)."""
@@ -339,13 +396,6 @@ class PixelREPAPipeline(DiffusionPipeline):
             sigma = self.scheduler.sigmas[index].to(device=latents.device, dtype=torch.float32)
             model_output = (latents - x_pred) / sigma.clamp_min(t_eps)
         return self.scheduler.step(model_output, self.scheduler.timesteps[index], latents).prev_sample.float()
-
-    @staticmethod
-    def guided_steps(timesteps: torch.Tensor, guidance_scale: float, guidance_interval) -> list[bool]:
-        """Which evaluations use CFG: guidance_scale != 1 and t in (min, max), min inclusive when it is 0."""
-        if guidance_scale == 1.0:
-            return [False] * len(timesteps)
-        return in_guidance_interval(timesteps.detach().to("cpu", torch.float32), guidance_interval).tolist()
 
 
 def weight_patterns(variant: str | None, suffix: str) -> list[str]:
@@ -384,7 +434,7 @@ def check_precision(precision: str, transformer_dtype: torch.dtype) -> None:
     if precision != "model" and transformer_dtype != torch.float32:
         raise ValueError(
             f"precision {precision!r} runs fp32 weights under bf16 autocast, but the transformer is {transformer_dtype}; "
-            "load it with torch_dtype=torch.float32, the default (--dtype fp32 on the command line)."
+            "load it with dtype=torch.float32, the default (--dtype fp32 on the command line)."
         )
 
 

@@ -9,6 +9,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 
+# The model's flow settings, which every scheduler that samples it needs in its config (see PixelREPAPipeline).
+FLOW_SETTINGS = ("noise_scale", "t_eps")
+
+
 def velocity_from_x_prediction(x_pred: torch.Tensor, sample: torch.Tensor, t: torch.Tensor, t_eps: float):
     """v = (x_pred - z_t) / max(1 - t, t_eps): the flow velocity implied by a clean-image prediction."""
     return (x_pred - sample) / (1 - t).clamp_min(t_eps)
@@ -118,6 +122,10 @@ class JiTFlowMatchScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"noise_scale must be > 0, got {noise_scale}.")
         if not shift > 0:
             raise ValueError(f"shift must be > 0, got {shift}.")
+        # noise_scale and t_eps are the model's, not the solver's. They stay in the config at their defaults too
+        # (from_config drops default values), so `X.from_config(pipe.scheduler.config)` hands them to any scheduler.
+        defaults = [name for name in self.config.get("_use_default_values", []) if name not in FLOW_SETTINGS]
+        self.register_to_config(_use_default_values=defaults)
         self.init_noise_sigma = noise_scale
         self.num_inference_steps = None
         self.timesteps = None

@@ -163,7 +163,7 @@ def test_precisions_are_the_documented_names():
 
 @pytest.mark.parametrize("precision, dtype, match", [
     ("fp16", torch.float32, r"precision must be one of \('model', 'official', 'bf16_sdpa'\), got 'fp16'"),
-    ("official", torch.bfloat16, r"precision 'official' runs fp32 weights .* torch_dtype=torch.float32"),
+    ("official", torch.bfloat16, r"precision 'official' runs fp32 weights .* dtype=torch.float32"),
     ("bf16_sdpa", torch.float16, r"precision 'bf16_sdpa' runs fp32 weights .* torch.float16"),
 ])
 def test_bad_precision_is_refused(precision, dtype, match):

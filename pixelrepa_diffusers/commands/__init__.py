@@ -4,6 +4,8 @@ pixelrepa-push. The scripts in the repository's pipelines/ folder are thin entri
 import argparse
 import sys
 
+from diffusers.utils import logging as diffusers_logging
+
 
 class OneLineArgumentParser(argparse.ArgumentParser):
     """Reports a bad command line as one line on stderr (and exit status 2)."""
@@ -14,7 +16,9 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 def run_command(command, errors: tuple = (ValueError, TypeError, OSError), prog: str | None = None) -> int:
     """The exit status of `command()`: 0, or 1 after one of `errors`, reported on stderr as the one line
-    `[prog: ]error: <message>`."""
+    `[prog: ]error: <message>`. diffusers' bar for loading pipeline components is off, so that a failure after
+    loading is still that one line."""
+    diffusers_logging.disable_progress_bar()
     try:
         command()
     except errors as error:

@@ -44,7 +44,7 @@ def parse_args(argv=None):
 
 def generate(args) -> None:
     check_precision(args.precision, DTYPES[args.dtype])
-    pipe = PixelREPAPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=DTYPES[args.dtype])
+    pipe = PixelREPAPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=DTYPES[args.dtype])
     pipe.to(args.device)
     if args.compile:
         pipe.transformer.compile_repeated_blocks(dynamic=False, fullgraph=True)

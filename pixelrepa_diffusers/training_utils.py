@@ -1,5 +1,5 @@
-"""Training helpers: exponential moving averages (FSDP2-aware), atomic, pruned checkpoint folders of diffusers model
-folders, and the loss meter."""
+"""Training helpers: exponential moving averages (FSDP2-aware), atomic, durable, pruned checkpoint folders of diffusers
+model folders, and the loss meter."""
 
 import json
 import os
@@ -283,10 +283,29 @@ def remove_incomplete_checkpoints(output_dir: str) -> list[str]:
     return removed
 
 
+def fsync_path(path: str) -> None:
+    """Flushes a file's or a folder's entries to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(folder: str) -> None:
+    """Flushes every file under `folder`, then every folder, deepest first, to the disk."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
+
+
 def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
     """
     Writes `accelerator.save_state` to a temporary folder and renames it to `checkpoint-<step>` only once every
-    process has finished, so a `checkpoint-<step>` folder is always complete. Then keeps the newest `total_limit`.
+    process has finished, so a `checkpoint-<step>` folder is always complete. The files and folders are on the disk
+    before the rename, and the rename before the return, so a power loss never leaves a `checkpoint-<step>` with
+    empty files. Then keeps the newest `total_limit`.
     """
     temporary = os.path.join(output_dir, f"{TEMPORARY_PREFIX}{step}")
     final = os.path.join(output_dir, f"checkpoint-{step}")
@@ -298,7 +317,9 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     if accelerator.is_main_process:
         if os.path.exists(final):
             shutil.rmtree(final)
+        fsync_tree(temporary)
         os.replace(temporary, final)
+        fsync_path(output_dir)
         if total_limit is not None:
             for _, path in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(path)

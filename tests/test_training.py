@@ -212,6 +212,25 @@ def test_interrupted_save_never_becomes_latest(assets, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "checkpoint-4" / "training_state.json").read_text())["global_step"] == 4
 
 
+def test_checkpoints_are_on_the_disk_before_they_are_renamed(assets, tmp_path, monkeypatch):
+    real_fsync = os.fsync
+    synced = []  # (path, whether checkpoint-2 existed then)
+
+    def recording_fsync(descriptor):
+        synced.append((os.readlink(f"/proc/self/fd/{descriptor}"), (tmp_path / "checkpoint-2").exists()))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    assert train(assets, tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "2") == 0
+    temporary = str(tmp_path / ".tmp-checkpoint-2")
+    written = {str(path).replace("checkpoint-2", ".tmp-checkpoint-2")
+               for path in [tmp_path / "checkpoint-2", *(tmp_path / "checkpoint-2").rglob("*")]}
+    before_rename = [path for path, renamed in synced if path.startswith(temporary)]
+    assert set(before_rename) == written and not any(renamed for path, renamed in synced if path in written)
+    assert before_rename[-1] == temporary  # the files, then the folders, the checkpoint's own folder last
+    assert (str(tmp_path), True) in synced  # the rename itself, after it happened
+
+
 class WritesAFile:
     """A pickle that would create `path` if it were ever unpickled with code execution."""
 

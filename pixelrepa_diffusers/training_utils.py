@@ -45,11 +45,22 @@ class ExponentialMovingAverage:
         torch._foreach_lerp_(list(self.averages.values()), parameters, 1.0 - self.decay)
 
     @torch.no_grad()
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """A full copy of the averages and buffers, a state dict of the model; under FSDP2 every process must call."""
-        averages = {name: average.full_tensor() if isinstance(average, DTensor) else average.clone()
-                    for name, average in self.averages.items()}
-        return {**averages, **{name: buffer.clone() for name, buffer in self.buffers.items()}}
+    def gathered_state_dict(self, keep: bool) -> dict[str, torch.Tensor] | None:
+        """
+        The averages and buffers as a full state dict of the model where `keep` (the process that writes or samples
+        them), else None; every process must call. Plain tensors come as they are, not copied: read them only, before
+        the next update. FSDP2 shards are gathered one tensor at a time and kept on the CPU, so no process holds a
+        full copy on its device.
+        """
+        state = {}
+        for name, average in self.averages.items():
+            if isinstance(average, DTensor):
+                full = average.full_tensor()  # a collective: every process, every tensor
+                average = full.cpu() if keep else None
+                del full
+            if keep:
+                state[name] = average
+        return {**state, **self.buffers} if keep else None
 
     @torch.no_grad()
     def load_full_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -160,7 +171,7 @@ class TrainingCheckpointer:
     def save_model_hook(self, models, weights, output_dir):
         trained, config = self.trained, self.trained.transformer.config
         state = self.accelerator.get_state_dict(models[0])  # full tensors; collectives under FSDP, as are the EMAs'
-        ema_states = [ema.full_state_dict() for ema in self.emas]
+        ema_states = [ema.gathered_state_dict(keep=self.accelerator.is_main_process) for ema in self.emas]
         if self.accelerator.is_main_process:
             unsharded_copy(JiTTransformer2DModel, config, submodule_state(state, "transformer.")).save_pretrained(
                 os.path.join(output_dir, "transformer"))

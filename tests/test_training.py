@@ -514,8 +514,10 @@ def test_ema_follows_the_official_update_from_the_initial_weights():
     for average, value in zip(ema.averages.values(), expected):
         torch.testing.assert_close(average, value, rtol=1e-6, atol=1e-7)
         assert not average.requires_grad
-    state = ema.full_state_dict()
+    assert ema.gathered_state_dict(keep=False) is None  # a process that does not write holds no copy
+    state = ema.gathered_state_dict(keep=True)
     assert state.keys() == model.state_dict().keys()
+    assert state["weight"].data_ptr() == ema.averages["weight"].data_ptr()  # unsharded: the averages, not a copy
     restored = ExponentialMovingAverage(model, decay=0.9)
     restored.load_full_state_dict(state)
     for name, average in restored.averages.items():

@@ -595,10 +595,11 @@ def train(args):
                     logger.info(f"Saved {last_checkpoint}")
 
                 if global_step % args.validation_steps == 0:
-                    ema_state = emas[0].full_state_dict()  # every process: a collective under FSDP
+                    ema_state = emas[0].gathered_state_dict(keep=accelerator.is_main_process)
                     if accelerator.is_main_process:
                         os.makedirs(validation_dir, exist_ok=True)
-                        ema_transformer = unsharded_copy(JiTTransformer2DModel, transformer.config, ema_state)
+                        ema_transformer = unsharded_copy(JiTTransformer2DModel, transformer.config,
+                                                         ema_state).to(accelerator.device)
                         grid = validation_grid(ema_transformer, args, plan.validation_classes, plan.guidance_scale)
                         log_validation(accelerator, grid, global_step,
                                        os.path.join(validation_dir, f"step-{global_step:07d}.png"))
@@ -609,7 +610,7 @@ def train(args):
     # Save the pipeline: the first EMA, and the aligner where the method exports it
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(objective)  # full tensors; collectives under FSDP, as is the EMA's
-    ema_state = emas[0].full_state_dict()
+    ema_state = emas[0].gathered_state_dict(keep=accelerator.is_main_process)
     if accelerator.is_main_process:
         if checkpointer.skipped_images:
             logger.info(f"Skipped {checkpointer.skipped_images} unreadable images in total")

@@ -102,7 +102,8 @@ def load_image_table(
     cache_dir=None,
     split="train",
 ):
-    """The training images as a datasets.Dataset with two columns: the images and "label" (ClassLabel).
+    """The training images as a datasets.Dataset with two columns: the images and "label" (a ClassLabel, or integer
+    class ids; see class_names).
 
     The images are "image", an undecoded datasets.Image (records {"bytes", "path"}), or, in a dataset written by
     training/prepare_dataset.py (found by its binary "pixel_values" column; image_column is then not used),
@@ -132,16 +133,27 @@ def load_image_table(
                 f"image_column {image_column!r} of {dataset_name!r} is {table.features[image_column]}; "
                 "expected an Image feature"
             )
-        table = table.rename_column(image_column, "image").cast_column("image", datasets.Image(decode=False))
+        if image_column != "image":
+            table = table.rename_column(image_column, "image")
+        table = table.cast_column("image", datasets.Image(decode=False))  # a change of features, no rewrite
     label_feature = table.features["label"]
-    if isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("int", "uint")):
-        num_classes = int(np.max(table.with_format("numpy")["label"])) + 1
-        table = table.cast_column("label", datasets.ClassLabel(names=[str(label) for label in range(num_classes)]))
-    elif not isinstance(label_feature, datasets.ClassLabel):
+    integer_ids = isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("int", "uint"))
+    if not (integer_ids or isinstance(label_feature, datasets.ClassLabel)):
         raise ValueError(
             f"label_column {label_column!r} of {dataset_name!r} is {label_feature}; expected integer class ids"
         )
     return table
+
+
+def class_names(table) -> list[str]:
+    """
+    The class names of a table from load_image_table: its ClassLabel's, else the ids 0 to the largest as strings
+    (integer labels stay as they are: casting them to a ClassLabel would rewrite the whole table, images included).
+    """
+    feature = table.features["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.names
+    return [str(label) for label in range(int(np.max(table.with_format("numpy")["label"])) + 1)]
 
 
 class ImageClassDataset(torch.utils.data.Dataset):
@@ -163,7 +175,7 @@ class ImageClassDataset(torch.utils.data.Dataset):
                 "prepare it again with training/prepare_dataset.py --resolution"
             )
         self.table = table
-        self.class_names = table.features["label"].names
+        self.class_names = class_names(table)
         self.resolution = resolution
         self.random_flip = random_flip
         self.seed = seed

@@ -217,3 +217,45 @@ def test_quickstart_digits(tmp_path):
     # Deterministic: a second build writes identical files.
     make_quickstart_dataset(str(tmp_path / "again"), resolution=16)
     assert path.read_bytes() == (tmp_path / "again" / "7" / path.name).read_bytes()
+
+
+def hub_layout(root, class_label, num_shards=2, per_shard=3):
+    """A local datasets repository laid out as the Hub's imagenet-1k: data/train-0000k-of-0000n.parquet shards with an
+    `image` (Image) and a `label` (ClassLabel, or integer ids) column."""
+    label = datasets.ClassLabel(names=["ant", "bee", "cat"]) if class_label else datasets.Value("int64")
+    features = datasets.Features({"image": datasets.Image(), "label": label})
+    for shard in range(num_shards):
+        images = [random_image(20, 24, seed=shard * per_shard + i) for i in range(per_shard)]
+        labels = [(shard * per_shard + i) % 3 for i in range(per_shard)]
+        table = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+        table.to_parquet(str(root / "data" / f"train-{shard:05d}-of-{num_shards:05d}.parquet"))
+    return root
+
+
+@pytest.mark.parametrize("class_label", [True, False])
+def test_the_hub_imagenet_layout_loads_with_the_default_columns(tmp_path, class_label):
+    repo = hub_layout(tmp_path / "repo", class_label)
+    cache = tmp_path / "cache"
+    dataset = load_train_dataset(dataset_name=str(repo), resolution=16, random_flip=False, cache_dir=str(cache))
+    assert len(dataset) == 6
+    assert dataset.class_names == (["ant", "bee", "cat"] if class_label else ["0", "1", "2"])
+    assert [dataset[i]["class_labels"].item() for i in range(6)] == [0, 1, 2, 0, 1, 2]
+    expected = np.asarray(center_crop_arr(random_image(20, 24, seed=4), 16)).transpose(2, 0, 1)
+    np.testing.assert_array_equal(dataset[4]["pixel_values"].numpy(), expected)
+    # The table is the one datasets built from the shards: no column cast rewrote it (map writes cache-*.arrow).
+    source = datasets.load_dataset(str(repo), split="train", cache_dir=str(cache))
+    assert dataset.table.cache_files == source.cache_files
+    assert not list(cache.rglob("cache-*.arrow"))
+
+
+def test_prepare_dataset_reads_the_hub_imagenet_layout(tmp_path):
+    repo = hub_layout(tmp_path / "repo", class_label=True)
+    output_dir = tmp_path / "prepared"
+    assert prepare_dataset.main(["--dataset_name", str(repo), "--resolution", "16", "--output_dir", str(output_dir),
+                                 "--cache_dir", str(tmp_path / "cache")]) == 0
+    prepared = load_train_dataset(dataset_name=str(output_dir), resolution=16, random_flip=False)
+    on_the_fly = load_train_dataset(dataset_name=str(repo), resolution=16, random_flip=False,
+                                    cache_dir=str(tmp_path / "cache"))
+    assert prepared.class_names == ["ant", "bee", "cat"] and len(prepared) == 6
+    for i in range(6):
+        assert torch.equal(prepared[i]["pixel_values"], on_the_fly[i]["pixel_values"])

@@ -28,6 +28,7 @@ from pixelrepa_diffusers.training_utils import (
     list_checkpoints,
     remove_incomplete_checkpoints,
 )
+from tests.test_data import hub_layout
 from training import train_pixelrepa
 
 REPO = Path(__file__).resolve().parent.parent
@@ -229,6 +230,18 @@ def test_checkpoints_are_on_the_disk_before_they_are_renamed(assets, tmp_path, m
     assert set(before_rename) == written and not any(renamed for path, renamed in synced if path in written)
     assert before_rename[-1] == temporary  # the files, then the folders, the checkpoint's own folder last
     assert (str(tmp_path), True) in synced  # the rename itself, after it happened
+
+
+@pytest.mark.parametrize("class_label", [True, False])
+def test_a_step_on_the_hub_imagenet_layout(assets, tmp_path, class_label):
+    repo = hub_layout(tmp_path / "repo", class_label, num_shards=2, per_shard=8)
+    argv = flags(assets, tmp_path / "out", "--max_train_steps", "1", "--cache_dir", str(tmp_path / "cache"))
+    argv[argv.index("--train_data_dir"):argv.index("--train_data_dir") + 2] = ["--dataset_name", str(repo)]
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    assert train_pixelrepa.main(argv) == 0
+    config = json.loads((tmp_path / "out" / "model_index.json").read_text())
+    assert config["id2label"] == ({"0": "ant", "1": "bee", "2": "cat"} if class_label else {"0": "0", "1": "1", "2": "2"})
 
 
 class WritesAFile:

@@ -451,12 +451,14 @@ def train(args):
         raise ValueError(f"{checkpoint} is a converted official run; continue it under DDP or in one process "
                          "(its AdamW state is loaded unsharded)")
 
-    # Data
-    dataset = load_train_dataset(
-        train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name, image_column=args.image_column, label_column=args.label_column,
-        resolution=args.resolution, random_flip=args.random_flip, cache_dir=args.cache_dir, seed=args.seed,
-    )
+    # Data: each node's main process builds the datasets cache; the node's other processes then read it
+    with accelerator.local_main_process_first():
+        dataset = load_train_dataset(
+            train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
+            dataset_config_name=args.dataset_config_name, image_column=args.image_column,
+            label_column=args.label_column, resolution=args.resolution, random_flip=args.random_flip,
+            cache_dir=args.cache_dir, seed=args.seed,
+        )
     num_classes = len(dataset.class_names)
     plan = plan_training(args, len(dataset), num_classes, accelerator.num_processes)
     train_dataloader = torch.utils.data.DataLoader(

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -392,6 +393,52 @@ def launch_two_processes(assets, output_dir, *extra, fsdp=True):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script]
     return subprocess.run(command, env={**subprocess_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
                           timeout=300)
+
+
+def launch_two_nodes(assets, output_dir, *extra, private_output_dir=False):
+    """Two `torchrun --nnodes 2` launches of one process each on 127.0.0.1; with `private_output_dir` each in its own
+    mount namespace with a private tmpfs on `output_dir`, as nodes with node-local disks. Their results."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    launches = []
+    for rank in (0, 1):
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                    "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), str(SCRIPT),
+                    *flags(assets, output_dir, "--train_batch_size", "4", *extra)]
+        if private_output_dir:
+            torchrun = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs tmpfs "{output_dir}" && exec "$@"', "node",
+                        *torchrun]
+        launches.append(subprocess.Popen(torchrun, env={**subprocess_env(), "ACCELERATE_USE_CPU": "1"},
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return [(launch.wait(timeout=300), launch.stderr.read()) for launch in launches]
+
+
+def test_two_nodes_with_node_local_output_dirs_are_refused(assets, tmp_path):
+    results = launch_two_nodes(assets, tmp_path / "out", "--max_train_steps", "2", private_output_dir=True)
+    for code, stderr in results:
+        assert code != 0
+        assert (f"train_pixelrepa.py: error: --output_dir {tmp_path / 'out'} is not one folder that every process "
+                "sees: processes [1] of 2 do not find the main process's file there; on several nodes it must be a "
+                "shared filesystem") in stderr, stderr[-2000:]
+    assert list((tmp_path / "out").iterdir()) == []  # the private folders were the only ones written
+
+
+@pytest.mark.slow
+def test_two_nodes_sharing_the_output_dir_train_and_resume_exactly(assets, tmp_path):
+    common = ("--max_train_steps", "4", "--checkpointing_steps", "2")
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    for code, stderr in launch_two_nodes(assets, straight, *common):
+        assert code == 0, stderr[-3000:]
+    for code, stderr in launch_two_nodes(assets, halves, "--max_train_steps", "2", "--checkpointing_steps", "2"):
+        assert code == 0, stderr[-3000:]
+    for code, stderr in launch_two_nodes(assets, halves, *common, "--resume_from_checkpoint", "latest"):
+        assert code == 0, stderr[-3000:]
+    for folder in WEIGHT_FOLDERS:
+        assert_same_weights(folder_weights(straight / "checkpoint-4" / folder),
+                            folder_weights(halves / "checkpoint-4" / folder))
+    assert not list(straight.glob(".shared-folder-check-*"))
 
 
 def test_fsdp2_shards_trains_like_ddp_and_resumes_exactly(assets, tmp_path):

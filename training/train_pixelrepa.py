@@ -42,6 +42,7 @@ from pixelrepa_diffusers.training_utils import (
     LossMeter,
     NonFiniteLossError,
     TrainingCheckpointer,
+    check_shared_folder,
     image_grid,
     latest_checkpoint,
     load_adamw_moments,
@@ -444,6 +445,7 @@ def train(args):
         os.makedirs(args.output_dir, exist_ok=True)
         for path in remove_incomplete_checkpoints(args.output_dir):
             logger.info(f"Removed the incomplete checkpoint {path}")
+    check_shared_folder(accelerator, args.output_dir, "--output_dir")
     checkpoint = resolve_checkpoint(args)
     run_state = None if checkpoint is None else read_run_state(checkpoint, args.alignment, args.ema_decays)
     official_epochs = None if run_state is None else run_state.get("official_epochs")

@@ -31,6 +31,7 @@ from pixelrepa_diffusers.evaluation import (
 )
 from tests.conftest import random_tiny_transformer
 from tests.inception_helpers import random_smooth_images, save_random_inception_weights
+from tests.two_nodes import launch_two_nodes
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -154,6 +155,18 @@ def test_two_processes_share_shards_and_balance_classes(two_process_run, assets)
         labels = torch.cat([shard["class_labels"] for shard in shards])
         assert torch.equal(torch.bincount(labels, minlength=NUM_CLASSES), torch.full((NUM_CLASSES,), 2))
         assert torch.equal(labels, torch.arange(NUM_CLASSES).repeat_interleave(2))
+
+
+def test_two_nodes_without_a_shared_shard_dir_are_refused(assets, tmp_path):
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    arguments = [*evaluate_arguments(assets, tmp_path / "results.json"), "--shard_dir", shard_dir]
+    for code, stderr in launch_two_nodes([REPO / "pipelines" / "evaluate.py", *arguments], private_folder=shard_dir):
+        assert code != 0
+        assert (f"error: --shard_dir {shard_dir} is not one folder that every process sees: processes [1] "
+                "of 2 do not find the main process's file there; on several nodes it must be a shared filesystem"
+                ) in stderr, stderr[-2000:]
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_fid_and_is_equal_torch_fidelity_calculate_metrics_on_the_saved_images(two_process_run, assets):

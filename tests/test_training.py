@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from pixelrepa_diffusers.training_utils import (
     remove_incomplete_checkpoints,
 )
 from tests.test_data import hub_layout
+from tests.two_nodes import launch_two_nodes
 from training import train_pixelrepa
 
 REPO = Path(__file__).resolve().parent.parent
@@ -395,28 +395,11 @@ def launch_two_processes(assets, output_dir, *extra, fsdp=True):
                           timeout=300)
 
 
-def launch_two_nodes(assets, output_dir, *extra, private_output_dir=False):
-    """Two `torchrun --nnodes 2` launches of one process each on 127.0.0.1; with `private_output_dir` each in its own
-    mount namespace with a private tmpfs on `output_dir`, as nodes with node-local disks. Their results."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    launches = []
-    for rank in (0, 1):
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
-                    "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), str(SCRIPT),
-                    *flags(assets, output_dir, "--train_batch_size", "4", *extra)]
-        if private_output_dir:
-            torchrun = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs tmpfs "{output_dir}" && exec "$@"', "node",
-                        *torchrun]
-        launches.append(subprocess.Popen(torchrun, env={**subprocess_env(), "ACCELERATE_USE_CPU": "1"},
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return [(launch.wait(timeout=300), launch.stderr.read()) for launch in launches]
-
-
 def test_two_nodes_with_node_local_output_dirs_are_refused(assets, tmp_path):
-    results = launch_two_nodes(assets, tmp_path / "out", "--max_train_steps", "2", private_output_dir=True)
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    results = launch_two_nodes([SCRIPT, *flags(assets, output_dir, "--train_batch_size", "4", "--max_train_steps", "2")],
+                               private_folder=output_dir)
     for code, stderr in results:
         assert code != 0
         assert (f"train_pixelrepa.py: error: --output_dir {tmp_path / 'out'} is not one folder that every process "
@@ -429,12 +412,10 @@ def test_two_nodes_with_node_local_output_dirs_are_refused(assets, tmp_path):
 def test_two_nodes_sharing_the_output_dir_train_and_resume_exactly(assets, tmp_path):
     common = ("--max_train_steps", "4", "--checkpointing_steps", "2")
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    for code, stderr in launch_two_nodes(assets, straight, *common):
-        assert code == 0, stderr[-3000:]
-    for code, stderr in launch_two_nodes(assets, halves, "--max_train_steps", "2", "--checkpointing_steps", "2"):
-        assert code == 0, stderr[-3000:]
-    for code, stderr in launch_two_nodes(assets, halves, *common, "--resume_from_checkpoint", "latest"):
-        assert code == 0, stderr[-3000:]
+    for output_dir, extra in ((straight, common), (halves, ("--max_train_steps", "2", "--checkpointing_steps", "2")),
+                              (halves, (*common, "--resume_from_checkpoint", "latest"))):
+        for code, stderr in launch_two_nodes([SCRIPT, *flags(assets, output_dir, "--train_batch_size", "4", *extra)]):
+            assert code == 0, stderr[-3000:]
     for folder in WEIGHT_FOLDERS:
         assert_same_weights(folder_weights(straight / "checkpoint-4" / folder),
                             folder_weights(halves / "checkpoint-4" / folder))

@@ -32,6 +32,7 @@ from pixelrepa_diffusers import JIT_PRESETS, JiTFlowMatchScheduler, JiTTransform
 from pixelrepa_diffusers.alignment import ALIGNMENTS
 from pixelrepa_diffusers.commands import OneLineArgumentParser, run_command
 from pixelrepa_diffusers.data import collate_train_batch, load_train_dataset
+from pixelrepa_diffusers.distributed import check_shared_folder
 from pixelrepa_diffusers.encoders import load_alignment_encoder
 from pixelrepa_diffusers.hub import CARD_VARIANTS, push_pipeline_to_hub, render_model_card, training_recipe
 from pixelrepa_diffusers.losses import PixelREPATrainingObjective
@@ -42,7 +43,6 @@ from pixelrepa_diffusers.training_utils import (
     LossMeter,
     NonFiniteLossError,
     TrainingCheckpointer,
-    check_shared_folder,
     image_grid,
     latest_checkpoint,
     load_adamw_moments,

@@ -6,9 +6,11 @@ import json
 import re
 from pathlib import Path
 
+import diffusers
 import httpx2
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
+from . import modular_pixelrepa
 from .alignment import ALIGNMENTS
 from .scheduling_jit_flow_match import JiTFlowMatchScheduler, check_guidance_interval
 from .transformer_jit import JIT_PRESETS
@@ -291,32 +293,88 @@ def remote_code_files(model_index: dict) -> tuple[dict, dict[str, bytes]]:
 
     Each component's module is published as `<component>/<module>.py` and named [<module>, <class>] in the model
     index; the pipeline's module goes to the repo root and `_class_name` becomes [<module>, <class>]. The files are
-    this package's installed source, with the pipeline's relative imports pointed at the component folders.
+    this package's installed source, with the pipeline's relative imports pointed at the component folders. The
+    index's `auto_map` names the transformer's class for `AutoModel.from_pretrained(repo, subfolder="transformer")`,
+    which reads it there when the repo has a model index.
     """
     hub_index = dict(model_index)
     sources = {}  # path in the repo -> source
-    published = {}  # module name -> its dotted path in the repo
     for component in components(model_index):
         library, class_name = model_index[component]
         path = defining_file(library, class_name, f"model_index.json entry {component!r}")
         sources[f"{component}/{path.name}"] = path.read_text()
         if RELATIVE_IMPORT.search(sources[f"{component}/{path.name}"]):
             raise ValueError(f"{path.name} imports a sibling module; a published component module must stand alone.")
-        published[path.stem] = f"{component}.{path.stem}"
         hub_index[component] = [path.stem, class_name]
     pipeline_path = defining_file(PACKAGE, model_index.get("_class_name"), "model_index.json _class_name")
     hub_index["_class_name"] = [pipeline_path.stem, model_index["_class_name"]]
+    hub_index["auto_map"] = {"AutoModel": ".".join(hub_index["transformer"])}
+    sources[pipeline_path.name] = published_source(pipeline_path, hub_index)
+    check_standalone(sources)
+    return hub_index, {path: source.encode() for path, source in sources.items()}
+
+
+def modular_files(folder: Path, hub_index: dict, repo_id: str) -> dict[str, bytes]:
+    """
+    The files that let diffusers alone build a `ModularPipeline` of `modular_pixelrepa.PixelREPABlocks` with
+    `ModularPipeline.from_pretrained(repo_id, trust_remote_code=True)`: the blocks module at the repo root (this
+    package's installed source, relative imports pointed at the component folders), `modular_config.json` naming its
+    blocks class, and `modular_model_index.json` with the pipeline's config, the scheduler's config and the
+    transformer, which `load_components(trust_remote_code=True)` loads from `repo_id` with `AutoModel`.
+    """
+    blocks_path = Path(modular_pixelrepa.__file__)
+    blocks_class = modular_pixelrepa.PixelREPABlocks
+    model_index = json.loads((folder / "model_index.json").read_text())
+    configs = {key: value for key, value in model_index.items()
+               if not key.startswith("_") and key not in components(model_index)}
+    configs["scheduler_config"] = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    expected = sorted(spec.name for spec in blocks_class().expected_configs)
+    if sorted(configs) != expected:
+        raise ValueError(f"{blocks_class.__name__} takes the configs {expected}, but the pipeline folder {folder} "
+                         f"gives {sorted(configs)}; update {blocks_path.name} to match the pipeline.")
+    transformer = dict(type_hint=[None, None], pretrained_model_name_or_path=repo_id, subfolder="transformer",
+                       variant=None, revision=None)
+    source = published_source(blocks_path, hub_index)
+    check_standalone({blocks_path.name: source})
+    return {
+        blocks_path.name: source.encode(),
+        "modular_config.json": json_bytes({
+            "_class_name": blocks_class.__name__,
+            "_diffusers_version": diffusers.__version__,
+            "auto_map": {"ModularPipelineBlocks": f"{blocks_path.stem}.{blocks_class.__name__}"},
+        }),
+        "modular_model_index.json": json_bytes({
+            "_blocks_class_name": blocks_class.__name__,
+            "_class_name": "ModularPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "transformer": [None, None, transformer],
+            **configs,
+        }),
+    }
+
+
+def published_source(path: Path, hub_index: dict) -> str:
+    """The source of a module published at the repo root, its relative imports pointed at the component folders."""
+    published = {hub_index[name][0]: f"{name}.{hub_index[name][0]}" for name in components(hub_index)}
 
     def published_import(match: re.Match) -> str:
         if match.group(2) not in published:
-            raise ValueError(f"{pipeline_path.name} imports .{match.group(2)}, which no pipeline component publishes.")
+            raise ValueError(f"{path.name} imports .{match.group(2)}, which no pipeline component publishes.")
         return f"{match.group(1)}.{published[match.group(2)]}{match.group(3)}"
 
-    sources[pipeline_path.name] = RELATIVE_IMPORT.sub(published_import, pipeline_path.read_text())
+    return RELATIVE_IMPORT.sub(published_import, path.read_text())
+
+
+def check_standalone(sources: dict[str, str]) -> None:
+    """Raises ValueError if a published module (path in the repo -> source) imports this package."""
     for path, source in sources.items():
         if PACKAGE_IMPORT.search(source):
             raise ValueError(f"{path} imports {PACKAGE}, which users of the remote code do not have.")
-    return hub_index, {path: source.encode() for path, source in sources.items()}
+
+
+def json_bytes(config: dict) -> bytes:
+    """A config as diffusers writes it: indented JSON with sorted keys."""
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
 def components(model_index: dict) -> list[str]:
@@ -337,11 +395,13 @@ def defining_file(library: str, class_name: str, where: str) -> Path:
     return Path(importlib.import_module(getattr(importlib.import_module(library), class_name).__module__).__file__)
 
 
-def upload_operations(folder: str | Path, card: ModelCard | None = None) -> list[CommitOperationAdd]:
+def upload_operations(folder: str | Path, repo_id: str, card: ModelCard | None = None) -> list[CommitOperationAdd]:
     """
-    Everything a pipeline repo needs and nothing else: the card (`card`, else the folder's README.md), the
-    remote-code model index and modules, and the json configs and safetensors weights of each component and extra
-    model folder (which the model index tells diffusers not to download). Files in `folder` are only read.
+    Everything the pipeline repo `repo_id` needs and nothing else: the card (`card`, else the folder's README.md),
+    the remote-code model index and modules, the modular pipeline's files, and the json configs and safetensors
+    weights of each component and extra model folder (which the model index tells diffusers not to download). The
+    published `transformer/config.json` gains the index's `auto_map`, for `AutoModel`. Files in `folder` are only
+    read.
     """
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
@@ -359,11 +419,17 @@ def upload_operations(folder: str | Path, card: ModelCard | None = None) -> list
             raise ValueError(f"{folder / name} has no .safetensors weights; save it with safe_serialization=True.")
         model_files.update({f"{name}/{path.name}": path for path in files})
     hub_index["_ignore_files"] = sorted(path for path in model_files if path.split("/")[0] in extra_folders)
+    transformer_config = json.loads(model_files["transformer/config.json"].read_text())
+    written = {  # path in the repo -> content
+        "README.md": str(card).encode(),
+        "model_index.json": json_bytes(hub_index),
+        **module_files,
+        **modular_files(folder, hub_index, repo_id),
+        "transformer/config.json": json_bytes({**transformer_config, "auto_map": hub_index["auto_map"]}),
+    }
     return [
-        CommitOperationAdd("README.md", str(card).encode()),
-        CommitOperationAdd("model_index.json", (json.dumps(hub_index, indent=2, sort_keys=True) + "\n").encode()),
-        *(CommitOperationAdd(path, content) for path, content in module_files.items()),
-        *(CommitOperationAdd(path, str(local_path)) for path, local_path in model_files.items()),
+        *(CommitOperationAdd(path, content) for path, content in written.items()),
+        *(CommitOperationAdd(path, str(local_path)) for path, local_path in model_files.items() if path not in written),
     ]
 
 
@@ -381,7 +447,7 @@ def push_pipeline_to_hub(
     The card is `card`, else the folder's README.md. Only what `upload_operations` lists is uploaded. The folder is
     only read, so a failed upload leaves it as it was.
     """
-    operations = upload_operations(folder, card)
+    operations = upload_operations(folder, repo_id, card)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)

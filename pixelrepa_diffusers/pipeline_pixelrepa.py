@@ -14,7 +14,9 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .scheduling_jit_flow_match import FLOW_SETTINGS, JiTFlowMatchScheduler, check_guidance_interval, in_guidance_interval
-from .transformer_jit import JiTAttnProcessor, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel
+from .transformer_jit import (
+    JiTAttnProcessor, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel, class_label_ids, class_name_index,
+)
 
 # "latent": the sample as the ODE leaves it, in [-1, 1] up to the model's error, before any post-processing.
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -79,10 +81,7 @@ class PixelREPAPipeline(DiffusionPipeline):
         self.register_to_config(
             id2label=id2label, guidance_scale=guidance_scale, guidance_interval=list(guidance_interval)
         )
-        self.labels = {}
-        for index, names in id2label.items():
-            for name in names.split(","):
-                self.labels[name.strip()] = index
+        self.labels = class_name_index(id2label)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1)
         # The state of a call, which callbacks read and may change (see the properties below).
         self._guidance_scale = guidance_scale
@@ -162,6 +161,7 @@ class PixelREPAPipeline(DiffusionPipeline):
         config = loaded[0] if isinstance(loaded, tuple) else loaded
         if config.get("_class_name") == [cls.__module__.rpartition(".")[2], cls.__name__]:
             config["_class_name"] = cls.__name__
+        config.pop("auto_map", None)  # where AutoModel finds the published transformer module
         for name, entry in config.items():
             if isinstance(entry, list) and len(entry) == 2 and entry[1] in COMPONENT_MODULES:
                 module, published_module = COMPONENT_MODULES[entry[1]]
@@ -172,36 +172,11 @@ class PixelREPAPipeline(DiffusionPipeline):
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Class indices of ImageNet-style class names (any comma-separated synonym of `id2label` works)."""
         names = [label] if isinstance(label, str) else list(label)
-        for name in names:
-            if name not in self.labels:
-                raise ValueError(f"Unknown class name {name!r} in class_labels; see pipeline.labels for valid names.")
-        return [self.labels[name] for name in names]
+        return class_label_ids(names, self.labels, self.transformer.config.num_classes)
 
     def class_label_ids(self, class_labels) -> list[int]:
         """Class labels as a list of ints in [0, num_classes), from ints, names or a 1-D tensor."""
-        if isinstance(class_labels, torch.Tensor):
-            if class_labels.ndim > 1 or class_labels.is_floating_point():
-                raise TypeError("class_labels tensor must be 1-D with integer dtype.")
-            class_labels = class_labels.reshape(-1).tolist()
-        elif isinstance(class_labels, (int, str)):
-            class_labels = [class_labels]
-        if not isinstance(class_labels, (list, tuple)):
-            raise TypeError(f"class_labels must be an int, a str, or a list of them, got {type(class_labels).__name__}.")
-        if len(class_labels) == 0:
-            raise ValueError("class_labels is empty; pass at least one class.")
-        ids = []
-        for label in class_labels:
-            if isinstance(label, str):
-                ids.extend(self.get_label_ids(label))
-            elif isinstance(label, int) and not isinstance(label, bool):
-                ids.append(label)
-            else:
-                raise TypeError(f"class_labels entries must be ints or class names, got {type(label).__name__}.")
-        num_classes = self.transformer.config.num_classes
-        for label in ids:
-            if not 0 <= label < num_classes:
-                raise ValueError(f"class_labels entry {label} is outside [0, {num_classes}).")
-        return ids
+        return class_label_ids(class_labels, self.labels, self.transformer.config.num_classes)
 
     def check_inputs(
         self,

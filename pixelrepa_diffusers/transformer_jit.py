@@ -35,6 +35,42 @@ def preset_config(name: str) -> dict:
     return dict(JIT_PRESETS[name])
 
 
+def class_name_index(id2label: dict) -> dict[str, int]:
+    """The class index of every name of `id2label` (index -> name, or comma-separated synonyms)."""
+    return {name.strip(): int(index) for index, names in id2label.items() for name in names.split(",")}
+
+
+def class_label_ids(class_labels, names: dict[str, int], num_classes: int) -> list[int]:
+    """
+    Class labels as a list of ints in [0, num_classes), from ints, class names (keys of `names`, see
+    class_name_index) or a 1-D integer tensor: the class conditioning the transformer takes, one image each.
+    """
+    if isinstance(class_labels, torch.Tensor):
+        if class_labels.ndim > 1 or class_labels.is_floating_point():
+            raise TypeError("class_labels tensor must be 1-D with integer dtype.")
+        class_labels = class_labels.reshape(-1).tolist()
+    elif isinstance(class_labels, (int, str)):
+        class_labels = [class_labels]
+    if not isinstance(class_labels, (list, tuple)):
+        raise TypeError(f"class_labels must be an int, a str, or a list of them, got {type(class_labels).__name__}.")
+    if len(class_labels) == 0:
+        raise ValueError("class_labels is empty; pass at least one class.")
+    ids = []
+    for label in class_labels:
+        if isinstance(label, str):
+            if label not in names:
+                raise ValueError(f"Unknown class name {label!r} in class_labels; see pipeline.labels for valid names.")
+            ids.append(names[label])
+        elif isinstance(label, int) and not isinstance(label, bool):
+            ids.append(label)
+        else:
+            raise TypeError(f"class_labels entries must be ints or class names, got {type(label).__name__}.")
+    for label in ids:
+        if not 0 <= label < num_classes:
+            raise ValueError(f"class_labels entry {label} is outside [0, {num_classes}).")
+    return ids
+
+
 def sincos_pos_embed_2d(hidden_size: int, grid_size: int) -> torch.Tensor:
     """Fixed 2D sin-cos position embedding, (grid_size**2, hidden_size): first half encodes the column, second the row."""
     omega = 1.0 / 10000 ** (np.arange(hidden_size // 4, dtype=np.float64) / (hidden_size // 4))

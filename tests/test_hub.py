@@ -36,6 +36,9 @@ PIPELINE_FILES = {
     "README.md",
     "model_index.json",
     "pipeline_pixelrepa.py",
+    "modular_pixelrepa.py",
+    "modular_config.json",
+    "modular_model_index.json",
     "transformer/config.json",
     "transformer/diffusion_pytorch_model.safetensors",
     "transformer/transformer_jit.py",
@@ -224,8 +227,7 @@ def test_remote_code_files_are_the_package_source(pipeline_dir):
          "in_guidance_interval",
          "from .scheduler.scheduling_jit_flow_match import FLOW_SETTINGS, JiTFlowMatchScheduler, "
          "check_guidance_interval, in_guidance_interval"),
-        ("from .transformer_jit import JiTAttnProcessor, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel",
-         "from .transformer.transformer_jit import JiTAttnProcessor, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel"),
+        ("from .transformer_jit import (", "from .transformer.transformer_jit import ("),
     ]
     assert not any("pixelrepa_diffusers" in content.decode() for content in files.values())
 

@@ -1,7 +1,9 @@
+import io
 import logging
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import datasets
@@ -259,3 +261,38 @@ def test_prepare_dataset_reads_the_hub_imagenet_layout(tmp_path):
     assert prepared.class_names == ["ant", "bee", "cat"] and len(prepared) == 6
     for i in range(6):
         assert torch.equal(prepared[i]["pixel_values"], on_the_fly[i]["pixel_values"])
+
+
+def webdataset_layout(root, shards=2, per_shard=3):
+    """WebDataset tar shards: <key>.jpg and <key>.cls (the class id as text) per image."""
+    (root / "data").mkdir(parents=True)
+    for shard in range(shards):
+        with tarfile.open(root / "data" / f"train-{shard:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                image = io.BytesIO()
+                random_image(20, 24, seed=shard * per_shard + i).save(image, format="PNG")
+                for name, data in ((f"{shard:02d}{i:04d}.jpg", image.getvalue()), (f"{shard:02d}{i:04d}.cls",
+                                                                                   str(i % 3).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+def test_webdataset_shards_load_prepare_and_name_the_keys_found(tmp_path):
+    repo = webdataset_layout(tmp_path / "shards")
+    cache = str(tmp_path / "cache")
+    dataset = load_train_dataset(dataset_name=str(repo), image_column="jpg", label_column="cls", resolution=16,
+                                 random_flip=False, cache_dir=cache)
+    assert len(dataset) == 6 and dataset.class_names == ["0", "1", "2"]
+    assert [dataset[i]["class_labels"].item() for i in range(6)] == [0, 1, 2, 0, 1, 2]
+    expected = np.asarray(center_crop_arr(random_image(20, 24, seed=4), 16)).transpose(2, 0, 1)
+    np.testing.assert_array_equal(dataset[4]["pixel_values"].numpy(), expected)
+    assert prepare_dataset.main(["--dataset_name", str(repo), "--image_column", "jpg", "--label_column", "cls",
+                                 "--resolution", "16", "--output_dir", str(tmp_path / "prepared"), "--cache_dir",
+                                 cache]) == 0
+    prepared = load_train_dataset(dataset_name=str(tmp_path / "prepared"), resolution=16, random_flip=False)
+    assert all(torch.equal(prepared[i]["pixel_values"], dataset[i]["pixel_values"]) for i in range(6))
+    with pytest.raises(ValueError, match=r"^image_column 'png' is not a column of .*; columns: \['jpg', 'cls', "
+                                         r"'__key__', '__url__'\]$"):
+        load_train_dataset(dataset_name=str(repo), image_column="png", label_column="cls", cache_dir=cache)

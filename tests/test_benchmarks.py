@@ -129,6 +129,7 @@ def test_sampling_cli_official_regime_is_the_bf16_baseline_and_close_to_fp32(tmp
     assert 0 < against_fp32["relative_image_difference"] < 0.05
 
 
+@pytest.mark.usefixtures("compile_on_the_machines_kernels")
 def test_sampling_cli_with_an_attention_backend_and_regional_compile_matches_the_baseline(tmp_path):
     with attention_backend("native"):  # the CLI sets diffusers' process-wide backend; give it back
         results = run_cli(benchmark_sampling,

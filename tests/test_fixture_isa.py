@@ -1,4 +1,6 @@
-"""The bf16 fixture tests and the fixture maker refuse to run unless oneDNN is capped to BF16_FIXTURE_ISA."""
+"""The tests whose results depend on the instruction set refuse to run where it is not theirs, saying how to run them:
+the bf16 fixture tests and the fixture maker unless oneDNN is capped to BF16_FIXTURE_ISA, the committed random draws
+under ATen's scalar kernels, torch.compile under a forced ATEN_CPU_CAPABILITY."""
 
 import os
 import subprocess
@@ -13,10 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 BF16_FIXTURE_TEST = "tests/test_precision.py::test_official_regime_forward_matches_the_official_code_in_its_regime"
 
 
-def run(arguments, isa):
-    env = {key: value for key, value in os.environ.items() if key != "ONEDNN_MAX_CPU_ISA"}
+def run(arguments, isa, **forced):
+    """`python arguments` with ONEDNN_MAX_CPU_ISA=isa (unset for None), ATEN_CPU_CAPABILITY unset unless forced."""
+    env = {key: value for key, value in os.environ.items() if key not in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
     if isa is not None:
         env["ONEDNN_MAX_CPU_ISA"] = isa
+    env.update(forced)
     return subprocess.run([sys.executable, *arguments], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
 
@@ -28,11 +32,6 @@ def test_a_bf16_fixture_test_fails_saying_how_to_run_it_without_the_cap(isa):
     assert "1 error" in result.stdout  # the fixture fails the test before it starts
     assert f"ONEDNN_MAX_CPU_ISA is {isa!r}, expected 'AVX2'" in result.stdout
     assert "run it as `ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python -m pytest ...` (`bash .ci/run` sets it)" in result.stdout
-
-
-def test_a_bf16_fixture_test_passes_with_the_cap():
-    result = run(["-m", "pytest", "-p", "no:cacheprovider", "-q", BF16_FIXTURE_TEST], BF16_FIXTURE_ISA)
-    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout
 
 
 def test_a_cap_set_after_start_is_caught_where_onednn_has_bf16_kernels():
@@ -57,3 +56,19 @@ def test_the_fixture_maker_refuses_without_the_cap(tmp_path):
         "error: ONEDNN_MAX_CPU_ISA is None, expected 'AVX2'; the bf16 fixtures are made with oneDNN capped to one "
         "instruction set: run `ONEDNN_MAX_CPU_ISA=AVX2 python -m tests.fixtures.make_official_fixtures ...`"]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_committed_draws_refuse_atens_scalar_kernels():
+    test = "tests/test_losses.py::test_official_seed_replays_the_fixture_draws"
+    result = run(["-m", "pytest", "-p", "no:cacheprovider", "-q", test], BF16_FIXTURE_ISA, ATEN_CPU_CAPABILITY="default")
+    assert result.returncode == 1 and "1 error" in result.stdout, result.stdout
+    assert ("ATen runs its DEFAULT kernels, whose normal draws differ from the vectorized ones this test's fixture "
+            "holds; run it without ATEN_CPU_CAPABILITY=default.") in result.stdout
+
+
+def test_compile_tests_refuse_a_forced_aten_capability():
+    test = "tests/test_pipeline.py::test_compiled_transformer_samples_like_eager"
+    result = run(["-m", "pytest", "-p", "no:cacheprovider", "-q", test], BF16_FIXTURE_ISA, ATEN_CPU_CAPABILITY="avx2")
+    assert result.returncode == 1 and "1 error" in result.stdout, result.stdout
+    assert ("ATEN_CPU_CAPABILITY=avx2 is set, and torch.compile's CPU kernels do not match ATen's forced ones; run "
+            "this test without it (`bash .ci/run` unsets it).") in result.stdout

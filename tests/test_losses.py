@@ -120,6 +120,7 @@ def test_draws_follow_the_official_order():
     assert torch.equal(draws.mask_uniform, torch.rand(4, 1, 4, 4).flatten(1))
 
 
+@pytest.mark.usefixtures("vectorized_random_draws")
 def test_official_seed_replays_the_fixture_draws():
     _, tensors = official_objective()
     torch.manual_seed(101)

@@ -122,6 +122,7 @@ def test_backend_missing_on_this_machine_gets_diffusers_error():
         model.set_attention_backend("flash")
 
 
+@pytest.mark.usefixtures("compile_on_the_machines_kernels")
 def test_regional_compile_matches_eager_and_the_official_forward_in_fp32():
     model, inputs, expected = official_small()
     with torch.no_grad():
@@ -133,6 +134,7 @@ def test_regional_compile_matches_eager_and_the_official_forward_in_fp32():
     assert relative_error(compiled, expected) <= 1e-5
 
 
+@pytest.mark.usefixtures("compile_on_the_machines_kernels")
 def test_regional_compile_of_the_adapter_with_a_backend_matches_the_official_adapter():
     adapter, inputs, expected = official_small_adapter()
     adapter.set_attention_backend("_native_math")
@@ -208,6 +210,7 @@ def test_group_offload_through_disk_samples_like_eager(offload_type, tmp_path):
     torch.testing.assert_close(images, eager, rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("compile_on_the_machines_kernels")
 def test_backend_switched_and_blocks_compiled_match_the_official_forward_in_fp32():
     model, inputs, expected = official_small()
     model.set_attention_backend("_native_math")
@@ -218,6 +221,7 @@ def test_backend_switched_and_blocks_compiled_match_the_official_forward_in_fp32
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("bf16_fixture_isa")
+@pytest.mark.usefixtures("compile_on_the_machines_kernels")
 def test_backend_switched_blocks_compiled_and_layers_cast_stay_near_the_official_forward():
     cast_model, (x, t, y), expected = official_small()
     cast_model.set_attention_backend("_native_math")

@@ -119,6 +119,7 @@ def test_bad_input_is_refused(pipe, kwargs, error, match):
         pipe(**kwargs)
 
 
+@pytest.mark.usefixtures("compile_on_the_machines_kernels")
 def test_compiled_transformer_samples_like_eager(pipe):
     """torch.compile (static shapes, one graph) is an optimised path; in fp32 it must sample what eager does."""
     eager = pipe([1, 7], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import Dinov2Model
 
 from .data import IMAGE_EXTENSIONS, center_crop_arr, check_resolution
+from .distributed import check_shared_folder
 from .pipeline_pixelrepa import check_precision
 from .serialization import pickled_code_refusal
 
@@ -489,6 +490,9 @@ def evaluate_pipeline(
     bounds = [(start, min(start + images_per_shard, num_images)) for start in range(0, num_images, images_per_shard)]
     sets = feature_sets(metrics)
     pipeline.set_progress_bar_config(disable=True)
+    if accelerator.is_main_process:
+        os.makedirs(shard_dir, exist_ok=True)
+    check_shared_folder(accelerator, shard_dir, "shard_dir")
 
     runs = []
     for guidance_interval in guidance_intervals:

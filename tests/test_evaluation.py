@@ -163,7 +163,7 @@ def test_two_nodes_without_a_shared_shard_dir_are_refused(assets, tmp_path):
     arguments = [*evaluate_arguments(assets, tmp_path / "results.json"), "--shard_dir", shard_dir]
     for code, stderr in launch_two_nodes([REPO / "pipelines" / "evaluate.py", *arguments], private_folder=shard_dir):
         assert code != 0
-        assert (f"error: --shard_dir {shard_dir} is not one folder that every process sees: processes [1] "
+        assert (f"error: shard_dir {shard_dir} is not one folder that every process sees: processes [1] "
                 "of 2 do not find the main process's file there; on several nodes it must be a shared filesystem"
                 ) in stderr, stderr[-2000:]
     assert not (tmp_path / "results.json").exists()

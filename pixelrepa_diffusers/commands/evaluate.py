@@ -23,7 +23,6 @@ from accelerate import Accelerator
 from transformers import Dinov2Config
 
 from pixelrepa_diffusers import PRECISIONS, JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline
-from pixelrepa_diffusers.distributed import check_shared_folder
 from pixelrepa_diffusers.evaluation import (
     DINOV2_MODEL,
     METRICS,
@@ -101,10 +100,6 @@ def evaluate(args):
     check_metrics(args.metrics)
     check_precision(args.precision, torch.float32)
     accelerator = Accelerator()
-    shard_dir = args.shard_dir or os.path.splitext(args.output_json)[0] + "_shards"
-    if accelerator.is_main_process:
-        os.makedirs(shard_dir, exist_ok=True)
-    check_shared_folder(accelerator, shard_dir, "--shard_dir")
     transformer_config = JiTTransformer2DModel.load_config(args.pretrained_model_name_or_path, subfolder="transformer")
     # Reject a bad num_images or reference before loading any weights.
     evaluation_class_labels(args.num_images, transformer_config["num_classes"], args.class_balanced, args.seed)
@@ -130,7 +125,7 @@ def evaluate(args):
         inception,
         reference,
         accelerator,
-        shard_dir=shard_dir,
+        shard_dir=args.shard_dir or os.path.splitext(args.output_json)[0] + "_shards",
         num_images=args.num_images,
         guidance_scales=args.guidance_scale or [None],
         guidance_intervals=guidance_intervals,

@@ -450,10 +450,17 @@ def test_sfid_equals_adm_formulas_on_rederived_spatial_features(metrics_run, met
     output_json, _ = metrics_run
     first = json.loads(output_json.read_text())["results"][0]
     inception = load_inception(metrics_assets["weights"])
+    # Re-derived as the features were made: evaluate.py's processes ran one thread on batches of 5, the reference
+    # statistics this process's threads on batches of 8. Convolution kernels that split their sums by thread (AVX2)
+    # round features 1e-7 apart otherwise, which the near-singular 2023 x 2023 square root below makes 1e-3.
+    threads = torch.get_num_threads()
     with torch.no_grad():
         images = read_pngs(output_json.parent / "images" / "guidance_1_interval_0_1")
-        generated = adm_spatial_features(inception, images)
-        real = adm_spatial_features(inception, read_pngs(metrics_assets["reference_dir"]))
+        torch.set_num_threads(1)
+        generated = np.concatenate([adm_spatial_features(inception, batch) for batch in images.split(5)])
+        torch.set_num_threads(threads)
+        reference_images = read_pngs(metrics_assets["reference_dir"])
+        real = np.concatenate([adm_spatial_features(inception, batch) for batch in reference_images.split(8)])
     assert generated.shape == (10, 2023) and real.shape == (24, 2023)
     reference = np.load(metrics_assets["stats"])
     np.testing.assert_allclose(reference["mu_s"], real.mean(0), atol=1e-5)

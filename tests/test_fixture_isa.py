@@ -25,13 +25,24 @@ def run(arguments, isa, **forced):
                           timeout=300)
 
 
-@pytest.mark.parametrize("isa", [None, "AVX512_CORE"])
-def test_a_bf16_fixture_test_fails_saying_how_to_run_it_without_the_cap(isa):
-    result = run(["-m", "pytest", "-p", "no:cacheprovider", "-q", BF16_FIXTURE_TEST], isa)
+@pytest.mark.parametrize("test, isa, aten, message", [
+    (BF16_FIXTURE_TEST, None, None, "ONEDNN_MAX_CPU_ISA is None, expected 'AVX2'. This test compares bf16 numbers "
+     "with a committed fixture; run it as `ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python -m pytest ...` (`bash .ci/run` "
+     "sets it)."),
+    (BF16_FIXTURE_TEST, "AVX512_CORE", None, "ONEDNN_MAX_CPU_ISA is 'AVX512_CORE', expected 'AVX2'."),
+    ("tests/test_losses.py::test_official_seed_replays_the_fixture_draws", BF16_FIXTURE_ISA, "default",
+     "ATen runs its DEFAULT kernels, whose normal draws differ from the vectorized ones this test's fixture holds; run "
+     "it without ATEN_CPU_CAPABILITY=default."),
+    ("tests/test_pipeline.py::test_compiled_transformer_samples_like_eager", BF16_FIXTURE_ISA, "avx2",
+     "ATEN_CPU_CAPABILITY=avx2 is set, and torch.compile's CPU kernels do not match ATen's forced ones; run this test "
+     "without it (`bash .ci/run` unsets it)."),
+])
+def test_a_test_off_its_instruction_set_fails_saying_how_to_run_it(test, isa, aten, message):
+    forced = {} if aten is None else {"ATEN_CPU_CAPABILITY": aten}
+    result = run(["-m", "pytest", "-p", "no:cacheprovider", "-q", test], isa, **forced)
     assert result.returncode == 1, result.stdout
     assert "1 error" in result.stdout  # the fixture fails the test before it starts
-    assert f"ONEDNN_MAX_CPU_ISA is {isa!r}, expected 'AVX2'" in result.stdout
-    assert "run it as `ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python -m pytest ...` (`bash .ci/run` sets it)" in result.stdout
+    assert message in " ".join(result.stdout.split()), result.stdout
 
 
 def test_a_cap_set_after_start_is_caught_where_onednn_has_bf16_kernels():
@@ -56,19 +67,3 @@ def test_the_fixture_maker_refuses_without_the_cap(tmp_path):
         "error: ONEDNN_MAX_CPU_ISA is None, expected 'AVX2'; the bf16 fixtures are made with oneDNN capped to one "
         "instruction set: run `ONEDNN_MAX_CPU_ISA=AVX2 python -m tests.fixtures.make_official_fixtures ...`"]
     assert not (tmp_path / "out").exists()
-
-
-def test_the_committed_draws_refuse_atens_scalar_kernels():
-    test = "tests/test_losses.py::test_official_seed_replays_the_fixture_draws"
-    result = run(["-m", "pytest", "-p", "no:cacheprovider", "-q", test], BF16_FIXTURE_ISA, ATEN_CPU_CAPABILITY="default")
-    assert result.returncode == 1 and "1 error" in result.stdout, result.stdout
-    assert ("ATen runs its DEFAULT kernels, whose normal draws differ from the vectorized ones this test's fixture "
-            "holds; run it without ATEN_CPU_CAPABILITY=default.") in result.stdout
-
-
-def test_compile_tests_refuse_a_forced_aten_capability():
-    test = "tests/test_pipeline.py::test_compiled_transformer_samples_like_eager"
-    result = run(["-m", "pytest", "-p", "no:cacheprovider", "-q", test], BF16_FIXTURE_ISA, ATEN_CPU_CAPABILITY="avx2")
-    assert result.returncode == 1 and "1 error" in result.stdout, result.stdout
-    assert ("ATEN_CPU_CAPABILITY=avx2 is set, and torch.compile's CPU kernels do not match ATen's forced ones; run "
-            "this test without it (`bash .ci/run` unsets it).") in result.stdout

@@ -368,21 +368,51 @@ def dataset_reference(
     crop = functools.partial(crop_batch, image_column=image_column, resolution=resolution)
     loader = DataLoader(dataset.with_transform(crop), batch_size=batch_size, num_workers=num_workers)
     device = inception.fc.weight.device
-    sets = feature_sets(metrics)
-    features = {name: [] for name in sets}
-    for batch in tqdm(loader, desc="reference features", unit="batch"):
-        for name, value in image_features(batch["pixels"].to(device), inception, sets, dinov2).items():
-            features[name].append(value)
-    features = {name: torch.cat(value) for name, value in features.items()}
-    reference = {**fid_features_to_statistics(features["features"]), "resolution": np.array(resolution)}
+    sets = [name for name in feature_sets(metrics) if name != "logits"]  # no reference metric reads logits
+    moments = {name: RunningMoments() for name in sets}
+    keep = None  # the seeded draw of images whose pool features precision, recall and KID compare with
     if {"precision", "recall", "kid"} & set(metrics):
-        drawn = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_features]
-        reference["features"] = features["features"][drawn.sort().values].numpy()
+        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_features].sort().values
+    kept, start = [], 0
+    for batch in tqdm(loader, desc="reference features", unit="batch"):
+        features = image_features(batch["pixels"].to(device), inception, sets, dinov2)
+        for name in sets:
+            moments[name].add(features[name])
+        if keep is not None:
+            rows = keep[(keep >= start) & (keep < start + len(batch["pixels"]))] - start
+            kept.append(features["features"][rows])
+        start += len(batch["pixels"])
+    reference = {**moments["features"].statistics(), "resolution": np.array(resolution)}
+    if keep is not None:
+        reference["features"] = torch.cat(kept).numpy()
     for name, suffix in (("spatial", "_s"), ("dinov2", "_dinov2")):
-        if name in features:
-            statistics = fid_features_to_statistics(features[name])
+        if name in moments:
+            statistics = moments[name].statistics()
             reference[f"mu{suffix}"], reference[f"sigma{suffix}"] = statistics["mu"], statistics["sigma"]
     return reference
+
+
+class RunningMoments:
+    """The mean and unbiased covariance of feature rows added batch by batch, in float64, in memory that does not
+    grow with the number of rows (a sum and a sum of outer products), as `np.mean` and `np.cov` give them."""
+
+    def __init__(self):
+        self.count, self.sum, self.outer = 0, None, None
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.double()
+        if self.sum is None:
+            self.sum, self.outer = rows.sum(0), rows.T @ rows
+        else:
+            self.sum += rows.sum(0)
+            self.outer += rows.T @ rows
+        self.count += len(rows)
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        """{"mu", "sigma"} as float64 arrays."""
+        mean = self.sum / self.count
+        covariance = (self.outer - self.count * torch.outer(mean, mean)) / (self.count - 1)
+        return {"mu": mean.numpy(), "sigma": covariance.numpy()}
 
 
 def sampling_settings(pipeline, guidance_scale, guidance_interval, **settings) -> dict:

@@ -24,6 +24,7 @@ from pipelines import compute_reference_stats, evaluate
 from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
 from pixelrepa_diffusers.data import center_crop_arr
 from pixelrepa_diffusers.evaluation import (
+    RunningMoments,
     evaluation_class_labels,
     load_fid_statistics,
     load_inception,
@@ -645,3 +646,15 @@ def test_reference_features_are_a_seeded_draw_of_the_images(assets, tmp_path):
     drawn = torch.randperm(4, generator=torch.Generator().manual_seed(1))[:3].sort().values
     np.testing.assert_allclose(reference["features"], features[drawn].numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(reference["mu"], features.mean(0).numpy(), rtol=1e-5, atol=1e-6)  # all 4 images
+
+
+def test_running_moments_equal_numpy_mean_and_covariance_in_constant_memory():
+    rows = torch.rand(300, 2048, generator=torch.Generator().manual_seed(0)) * 4  # pool features are non-negative
+    moments = RunningMoments()
+    for batch in rows.split(64):
+        moments.add(batch)
+    statistics = moments.statistics()
+    expected = rows.double().numpy()
+    np.testing.assert_allclose(statistics["mu"], expected.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(statistics["sigma"], np.cov(expected, rowvar=False), rtol=1e-6, atol=1e-12)
+    assert moments.sum.shape == (2048,) and moments.outer.shape == (2048, 2048)  # whatever the number of rows

@@ -51,6 +51,9 @@ class Alignment:
     def enable_gradient_checkpointing(self, aligner) -> None:
         """Recomputes the aligner's activations in the backward pass, where it has blocks to recompute."""
 
+    def compile(self, aligner, **compile_kwargs) -> None:
+        """Compiles the aligner's repeated blocks with `torch.compile(**compile_kwargs)`, where it has any."""
+
     def card_text(self, depth: int, mask_ratio: float, encoder: str, weight: float | None) -> str | None:
         """The "Alignment" row of a trained model's card (None without alignment)."""
         return None
@@ -110,6 +113,9 @@ class PixelREPAAlignment(Alignment):
 
     def enable_gradient_checkpointing(self, aligner):
         aligner.enable_gradient_checkpointing()
+
+    def compile(self, aligner, **compile_kwargs):
+        aligner.compile_repeated_blocks(**compile_kwargs)
 
     def features(self, aligner, transformer, hidden, t, labels, draws, mask_ratio):
         """The aligner's output for `hidden` with the tokens not kept by the draws' mask replaced by the mask token."""

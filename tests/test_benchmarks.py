@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 from diffusers.models.attention_dispatch import attention_backend
 
 from pipelines import benchmark_sampling, benchmark_solvers
@@ -25,6 +26,7 @@ from training import benchmark_training
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path("/work/.mirror/kaist-cvml+PixelREPA/repo")
 TINY_ENCODER = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4)
+TRAINING_TEST_ENCODER = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2)
 # The tiny adapter of TINY_CONFIG, aligned to the 48-wide tiny encoder (so it has a projection head).
 TINY_ADAPTER = dict(sample_size=32, patch_size=8, hidden_size=64, num_layers=2, mlp_ratio=4.0, in_context_len=4,
                     out_channels=48)
@@ -156,6 +158,20 @@ def test_training_cli_against_the_plain_baseline(tmp_path):
     assert results["speedup"] > 0
 
 
+@pytest.mark.usefixtures("compile_on_the_machines_kernels")
+def test_training_cli_times_the_scripts_compiled_step_against_its_eager_step(tmp_path):
+    # The shapes of test_training's compiled run, which then reuses these compiled blocks in the same pytest process.
+    shapes = ("--encoder_overrides", json.dumps(TRAINING_TEST_ENCODER), "--batch_size", "8")
+    torch._dynamo.utils.counters.clear()
+    results = run_cli(benchmark_training, *tiny_training_args("--compile", "--eager_baseline", *shapes),
+                      tmp_path=tmp_path)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # train_pixelrepa.compile_blocks compiled
+    assert results["baseline_kind"] == "eager" and results["compile"]
+    assert results["speedup"] == results["ours"]["images_per_second"] / results["baseline"]["images_per_second"]
+    for name in ("ours", "baseline"):
+        assert results[name]["first_step_seconds"] > 0
+
+
 def test_training_cli_gradient_checkpointing_without_baseline(tmp_path):
     results = run_cli(benchmark_training,
                       *tiny_training_args("--gradient_checkpointing", "--skip_baseline"), tmp_path=tmp_path)
@@ -167,6 +183,9 @@ def test_training_cli_gradient_checkpointing_without_baseline(tmp_path):
 @pytest.mark.parametrize("cli, argument, message", [
     (benchmark_sampling, ["--batch_size", "0"], "--batch_size must be >= 1"),
     (benchmark_training, ["--steps", "0"], "--steps must be >= 1"),
+    (benchmark_training, ["--eager_baseline"], "--eager_baseline needs --compile"),
+    (benchmark_training, ["--compile", "--eager_baseline", "--skip_baseline"],
+     "--skip_baseline and --eager_baseline exclude each other"),
     (benchmark_sampling, ["--reference_repo", "/nonexistent"], "holds neither model_pixelREPA.py"),
     (benchmark_sampling, ["--precision", "fp16"], "precision must be one of"),
     (benchmark_sampling, ["--precision", "official", "--dtype", "bf16"], "--dtype fp32"),

@@ -3,8 +3,9 @@
     python -m training.benchmark_training --model JiT-B/16 --batch_size 128 --mixed_precision bf16 --compile \
         --peak_tflops 989 --reference_repo reference/PixelREPA
 
-One step of ours: PixelREPATrainingObjective (backbone, masked adapter, frozen DINOv2-B encoder) under autocast,
-backward, fused AdamW, foreach-lerp EMAs (0.9999, 0.9996), no host syncs. Baseline: the official Denoiser step as
+One step of ours is the step train_pixelrepa.py runs, its very function (training_step) with its --compile
+(compile_blocks): PixelREPATrainingObjective (backbone, masked adapter, frozen DINOv2-B encoder) under accelerate's
+autocast, backward, fused AdamW, foreach-lerp EMAs (0.9999, 0.9996), no host syncs. Baseline: the official Denoiser step as
 its engine runs it (loss .item() calls, AdamW, a device sync, per-parameter EMA loops; its encoder a timm ViT of the
 same shape) when `--reference_repo` is given; otherwise our objective with fp32 attention that materialises the
 matrix, plain AdamW and no compile. Both use random weights (no downloads) and a fixed batch already on the
@@ -18,6 +19,7 @@ import sys
 import tempfile
 
 import torch
+from accelerate import Accelerator
 from transformers import Dinov2Config, Dinov2Model
 
 from pipelines.benchmark_utils import (
@@ -32,6 +34,7 @@ from pipelines.benchmark_utils import (
     model_flops_utilization,
     run_benchmark_cli,
     tensor_bytes,
+    timed_call,
     training_flops,
     vit_encoder_flops,
 )
@@ -44,8 +47,10 @@ from pipelines.official_code import (
 from pixelrepa_diffusers import JiTTransformer2DModel, MaskedTransformerAdapter
 from pixelrepa_diffusers.commands import OneLineArgumentParser
 from pixelrepa_diffusers.encoders import AlignmentEncoder
+from pixelrepa_diffusers.alignment import ALIGNMENTS
 from pixelrepa_diffusers.losses import PixelREPATrainingObjective
 from pixelrepa_diffusers.training_utils import ExponentialMovingAverage
+from training.train_pixelrepa import compile_blocks, training_step
 
 EMA_DECAYS = (0.9999, 0.9996)
 ADAMW = dict(lr=2.5e-5, betas=(0.9, 0.95), weight_decay=0.0)
@@ -61,9 +66,12 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="bf16")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="ours only")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our objective (static shapes)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile our blocks as train_pixelrepa.py --compile does (static shapes)")
     parser.add_argument("--compile_mode", default="default", help="torch.compile mode, e.g. max-autotune")
     parser.add_argument("--skip_baseline", action="store_true", help="time ours only (e.g. when the baseline OOMs)")
+    parser.add_argument("--eager_baseline", action="store_true",
+                        help="baseline: our very step uncompiled (with --compile: the compiled/eager ratio)")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for MFU (H100 SXM dense bf16: 989)")
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed run")
@@ -75,8 +83,13 @@ def check_args(args) -> None:
     check_benchmark_args(args, positive=("batch_size", "steps"))
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise ValueError(f"--peak_tflops must be > 0, got {args.peak_tflops}.")
-    if args.reference_repo is not None and args.skip_baseline:
-        raise ValueError("--reference_repo and --skip_baseline exclude each other.")
+    chosen = [flag for flag, value in (("--reference_repo", args.reference_repo is not None),
+                                       ("--skip_baseline", args.skip_baseline),
+                                       ("--eager_baseline", args.eager_baseline)) if value]
+    if len(chosen) > 1:
+        raise ValueError(f"{' and '.join(chosen)} exclude each other.")
+    if args.eager_baseline and not args.compile:
+        raise ValueError("--eager_baseline needs --compile (without it, ours is the eager step).")
 
 
 def encoder_config(args, transformer_config) -> Dinov2Config:
@@ -102,35 +115,27 @@ def build_objective(args, device, plain: bool):
     return objective.to(device).train(), encoder.to(device)
 
 
-def our_step(args, device, plain: bool):
-    """(step, resident tensors) of our training step; `plain` is the baseline of our own."""
-    objective, encoder = build_objective(args, device, plain)
-    transformer = objective.transformer
+def our_step(args, accelerator, plain: bool = False, compiled: bool = False):
+    """(step, resident tensors, objective) of our training step: train_pixelrepa.training_step, on blocks compiled as
+    train_pixelrepa.py compiles them if `compiled`; `plain` is the baseline of our own."""
+    objective, encoder = build_objective(args, accelerator.device, plain)
     parameters = [parameter for parameter in objective.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, **ADAMW, fused=not plain)
-    emas = [ExponentialMovingAverage(transformer, decay) for decay in EMA_DECAYS]
-    forward, encode = objective, encoder
-    if args.compile and not plain:
-        forward = torch.compile(objective, mode=args.compile_mode, dynamic=False)
-        encode = torch.compile(encoder, mode=args.compile_mode, dynamic=False)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    emas = [ExponentialMovingAverage(objective.transformer, decay) for decay in EMA_DECAYS]
+    if compiled:
+        compile_blocks(objective.transformer, ALIGNMENTS["pixelrepa"], objective.aligner, encoder,
+                       mode=args.compile_mode)
+    objective, optimizer, lr_scheduler = accelerator.prepare(objective, optimizer, lr_scheduler)
 
     def step(images, labels):
-        with autocast:
-            with torch.no_grad():
-                targets = encode(images)
-            losses = forward(images, labels, targets)
-        losses["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        for ema in emas:
-            ema.update(transformer)
+        training_step(accelerator, objective, encoder, optimizer, lr_scheduler, emas, images, labels)
 
     def resident():
         return [*objective.parameters(), *objective.buffers(), *encoder.parameters(), *optimizer_state(optimizer),
                 *(average for ema in emas for average in ema.averages.values())]
 
-    return step, resident, objective
+    return step, resident, accelerator.unwrap_model(objective)
 
 
 def official_step(args, device, transformer_config):
@@ -189,15 +194,22 @@ def optimizer_state(optimizer):
 def run(args) -> dict:
     check_args(args)
     device = torch.device(args.device)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=device.type == "cpu")
+    if device.index is not None and accelerator.device != device:
+        raise ValueError(f"--device {device}: accelerate runs the step on {accelerator.device}; choose the GPU with "
+                         "CUDA_VISIBLE_DEVICES.")
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)
     steps = {}
     residents = {}
-    steps["ours"], residents["ours"], objective = our_step(args, device, plain=False)
-    baseline_kind = "none" if args.skip_baseline else "plain" if args.reference_repo is None else "official"
+    steps["ours"], residents["ours"], objective = our_step(args, accelerator, compiled=args.compile)
+    baseline_kind = ("none" if args.skip_baseline else "eager" if args.eager_baseline else "official"
+                     if args.reference_repo is not None else "plain")
     if baseline_kind == "plain":
-        steps["baseline"], residents["baseline"], _ = our_step(args, device, plain=True)
+        steps["baseline"], residents["baseline"], _ = our_step(args, accelerator, plain=True)
+    elif baseline_kind == "eager":
+        steps["baseline"], residents["baseline"], _ = our_step(args, accelerator)
     elif baseline_kind == "official":
         steps["baseline"], residents["baseline"] = official_step(args, device, objective.transformer.config)
 
@@ -206,7 +218,10 @@ def run(args) -> dict:
                         device=device) * 2 - 1
     labels = torch.randint(0, config.num_classes, (args.batch_size,), device=device)
     runs = {name: (lambda step=step: [step(images, labels) for _ in range(args.steps)]) for name, step in steps.items()}
-    for _ in range(args.warmup):
+    first_step_seconds = {}  # the first step holds the compilation
+    for name, step in steps.items():
+        first_step_seconds[name] = timed_call(lambda step=step: step(images, labels), device)[0]
+    for _ in range(args.warmup - 1):
         for step in steps.values():
             step(images, labels)
     resident_bytes = {name: tensor_bytes(resident()) for name, resident in residents.items()}
@@ -232,6 +247,7 @@ def run(args) -> dict:
         results[name] = dict(
             step_seconds=[value / args.steps for value in timing["seconds"]], median_step_seconds=seconds,
             images_per_second=images_per_second, achieved_tflops=achieved, mfu=mfu, peak_bytes=timing["peak_bytes"],
+            first_step_seconds=first_step_seconds[name],
         )
     if "baseline" in results:
         results["speedup"] = results["ours"]["images_per_second"] / results["baseline"]["images_per_second"]
@@ -253,7 +269,8 @@ def report(results) -> None:
         entry = results[name]
         mfu = "" if entry["mfu"] is None else f", MFU {entry['mfu']:.1%}"
         print(f"{name:>8}: {entry['median_step_seconds']:.4f} s/step, {entry['images_per_second']:.2f} img/s, "
-              f"{entry['achieved_tflops']:.3f} TFLOP/s{mfu}, peak memory {format_bytes(entry['peak_bytes'])}")
+              f"{entry['achieved_tflops']:.3f} TFLOP/s{mfu}, peak memory {format_bytes(entry['peak_bytes'])}, "
+              f"first step (with any compilation) {entry['first_step_seconds']:.2f} s")
     if "speedup" in results:
         print(f"speed-up ours / baseline (median img/s): {results['speedup']:.3f}x")
 

@@ -93,6 +93,10 @@ def build_parser():
                        help="Attention dropout on the middle half of the blocks of --model.")
     model.add_argument("--gradient_checkpointing", action="store_true",
                        help="Recompute block activations in the backward pass to save memory.")
+    model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile each block of the backbone, the adapter and the encoder, for static "
+                            "shapes (a batch of another size, e.g. after unreadable images, compiles once more); "
+                            "default: on with CUDA, off on CPU.")
 
     alignment = parser.add_argument_group("representation alignment")
     alignment.add_argument("--alignment", default="pixelrepa", choices=list(ALIGNMENTS),
@@ -407,6 +411,38 @@ def save_final_outputs(args, plan, ema_transformer, aligner, alignment_depth, id
         logger.info(f"Pushed the pipeline to {url}")
 
 
+def compile_blocks(transformer, method, aligner, encoder, mode="default"):
+    """Compiles every repeated block, each whole (fullgraph) and for static shapes, as the official code compiles
+    its JiT blocks: the backbone's, the aligner's where it has blocks, and the frozen encoder's layers."""
+    compile_kwargs = dict(mode=mode, dynamic=False, fullgraph=True)
+    transformer.compile_repeated_blocks(**compile_kwargs)
+    method.compile(aligner, **compile_kwargs)
+    if encoder is not None:
+        for layer in encoder.model.encoder.layer:
+            layer.compile(**compile_kwargs)
+
+
+def training_step(accelerator, objective, encoder, optimizer, lr_scheduler, emas, images, class_labels, weight=1.0):
+    """One batch: forward and backward under autocast; at the end of an accumulation cycle, the optimizer and lr
+    steps and the EMA updates. Returns the loss terms (device tensors: no host sync)."""
+    with accelerator.accumulate(objective):
+        with accelerator.autocast():
+            targets = None
+            if encoder is not None:
+                with torch.no_grad():
+                    targets = encoder(images)
+            losses = objective(images, class_labels, targets)
+        accelerator.backward(losses["loss"] * weight)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    if accelerator.sync_gradients:
+        transformer = accelerator.unwrap_model(objective).transformer
+        for ema in emas:
+            ema.update(transformer)
+    return losses
+
+
 def hub_dataset_id(args):
     """The Hub id of the training data for the card's metadata; None for local data."""
     if args.dataset_name is None or os.path.exists(args.dataset_name):
@@ -487,6 +523,9 @@ def train(args):
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
         method.enable_gradient_checkpointing(aligner)
+    compiled = accelerator.device.type == "cuda" if args.compile is None else args.compile
+    if compiled:
+        compile_blocks(transformer, method, aligner, encoder)
     objective = PixelREPATrainingObjective(
         transformer, alignment=args.alignment, aligner=aligner,
         alignment_weight=plan.alignment_weight, mask_ratio=args.mask_ratio, repa_depth=args.repa_depth,
@@ -533,7 +572,8 @@ def train(args):
     accelerator.init_trackers("train_pixelrepa", config=tracker_config(args, plan))
     logger.info(f"{len(dataset)} images of {num_classes} classes; {plan.max_train_steps} steps of "
                 f"{plan.global_batch_size} images ({plan.num_train_epochs} epochs), lr {plan.learning_rate:g} "
-                f"({plan.learning_rate_origin}), alignment {args.alignment}")
+                f"({plan.learning_rate_origin}), alignment {args.alignment}, "
+                f"{'compiled blocks' if compiled else 'eager'}")
     validation_dir = os.path.join(args.output_dir, "validation")
     meter = LossMeter(accelerator, checkpointer.skipped_images)
     last_log = (time.perf_counter(), global_step)
@@ -560,24 +600,12 @@ def train(args):
                     images = torch.zeros(1, 3, args.resolution, args.resolution, device=accelerator.device)
                     class_labels = torch.zeros(1, dtype=torch.long, device=accelerator.device)
                     weight = 0.0
-                with accelerator.accumulate(objective):
-                    with accelerator.autocast():
-                        targets = None
-                        if encoder is not None:
-                            with torch.no_grad():
-                                targets = encoder(images)
-                        losses = objective(images, class_labels, targets)
-                    accelerator.backward(losses["loss"] * weight)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                losses = training_step(accelerator, objective, encoder, optimizer, lr_scheduler, emas, images,
+                                       class_labels, weight)
                 if weight:
                     meter.add(losses, global_step + 1)
                 if not accelerator.sync_gradients:
                     continue
-
-                for ema in emas:
-                    ema.update(transformer)
                 global_step += 1
                 progress_bar.update(1)
 

@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch.hub import download_url_to_file
 from torch.utils.data import DataLoader
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
@@ -39,6 +39,7 @@ from .data import IMAGE_EXTENSIONS, center_crop_arr, check_resolution
 from .distributed import check_shared_folder
 from .pipeline_pixelrepa import check_precision
 from .serialization import pickled_code_refusal
+from .training_utils import write_atomically
 
 INCEPTION_FEATURES = ["2048", "logits_unbiased"]
 FEATURE_DIM = 2048
@@ -343,6 +344,8 @@ def crop_batch(batch: dict, image_column: str, resolution: int) -> dict:
 def dataset_reference(
     dataset,
     inception: FeatureExtractorInceptionV3,
+    accelerator: Accelerator,
+    shard_dir: str,
     metrics=("fid",),
     dinov2=None,
     image_column: str = "image",
@@ -351,11 +354,22 @@ def dataset_reference(
     num_workers: int = 0,
     num_features: int = 10_000,
     seed: int = 0,
-) -> dict[str, np.ndarray]:
-    """Reference arrays of a `datasets.Dataset` of images after the ADM center crop to `resolution`, for
-    `metrics`: FID statistics mu/sigma and the resolution always; pool `features` of `num_features` images drawn
-    with `seed` (all if fewer) for precision, recall and KID; mu_s/sigma_s for sFID; mu_dinov2/sigma_dinov2 for
-    FD-DINOv2."""
+    shard_size: int = 10_000,
+) -> dict[str, np.ndarray] | None:
+    """
+    Reference arrays of a `datasets.Dataset` of images after the ADM center crop to `resolution`, for `metrics`:
+    FID statistics mu/sigma and the resolution always; pool `features` of `num_features` images drawn with `seed`
+    (all if fewer) for precision, recall and KID; mu_s/sigma_s for sFID; mu_dinov2/sigma_dinov2 for FD-DINOv2.
+
+    Image indices are cut into shards of `shard_size`, whatever the number of processes; process r of an accelerate
+    run computes unfinished shards r, r + world_size, ... and saves each as `shard_dir/shard-<start>-<end>.safetensors`:
+    per feature set its count, float64 sum and sum of outer products, plus the drawn images' pool features and
+    indices, with the run's settings in the metadata. Shards already there are reused, so a rerun resumes with any
+    number of processes; shards of other settings are refused. The main process sums the shards in order, so memory
+    does not grow with the number of images.
+
+    Returns the arrays on the main process, None on the others.
+    """
     check_metrics(metrics)
     check_resolution(resolution)
     if image_column not in dataset.column_names:
@@ -364,32 +378,110 @@ def dataset_reference(
         raise ValueError(f"image_column {image_column!r} holds {dataset.features[image_column]}, expected images.")
     if len(dataset) < 2:
         raise ValueError(f"the dataset needs at least 2 images to estimate a covariance, got {len(dataset)}.")
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}.")
+    if accelerator.is_main_process:
+        os.makedirs(shard_dir, exist_ok=True)
+    check_shared_folder(accelerator, shard_dir, "shard_dir")
 
-    crop = functools.partial(crop_batch, image_column=image_column, resolution=resolution)
-    loader = DataLoader(dataset.with_transform(crop), batch_size=batch_size, num_workers=num_workers)
-    device = inception.fc.weight.device
     sets = [name for name in feature_sets(metrics) if name != "logits"]  # no reference metric reads logits
-    moments = {name: RunningMoments() for name in sets}
-    keep = None  # the seeded draw of images whose pool features precision, recall and KID compare with
+    # The seeded draw of images whose pool features precision, recall and KID compare with.
+    keep, draw = torch.zeros(0, dtype=torch.long), None
     if {"precision", "recall", "kid"} & set(metrics):
         keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_features].sort().values
-    kept, start = [], 0
-    for batch in tqdm(loader, desc="reference features", unit="batch"):
-        features = image_features(batch["pixels"].to(device), inception, sets, dinov2)
+        draw = {"num_features": num_features, "seed": seed}
+    settings = {
+        "num_images": len(dataset), "shard_size": shard_size, "resolution": resolution, "feature_sets": sets,
+        "features_draw": draw, "inception": weights_digest(inception),
+        "dinov2": None if dinov2 is None else weights_digest(dinov2),
+    }
+    check_reference_shards(shard_dir, settings)
+    bounds = [(start, min(start + shard_size, len(dataset))) for start in range(0, len(dataset), shard_size)]
+    paths = [os.path.join(shard_dir, f"shard-{start:09d}-{end:09d}.safetensors") for start, end in bounds]
+    unfinished = [shard for shard, path in enumerate(paths) if not os.path.exists(path)]
+    pending = unfinished[accelerator.process_index :: accelerator.num_processes]
+    accelerator.wait_for_everyone()
+
+    crop = functools.partial(crop_batch, image_column=image_column, resolution=resolution)
+    progress_bar = tqdm(total=sum(bounds[shard][1] - bounds[shard][0] for shard in pending), unit="img",
+                        desc="reference features", disable=not accelerator.is_main_process)
+    for shard in pending:
+        start, end = bounds[shard]
+        loader = DataLoader(dataset.select(range(start, end)).with_transform(crop), batch_size=batch_size,
+                            num_workers=num_workers)
+        metadata = {"settings": json.dumps(settings, sort_keys=True), "process_index": str(accelerator.process_index)}
+        tensors = reference_shard(loader, start, inception, sets, dinov2, keep, accelerator.device, progress_bar)
+        write_atomically(paths[shard], lambda file: file.write(save(tensors, metadata)))
+    progress_bar.close()
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+
+    moments = {name: RunningMoments() for name in sets}
+    kept = []
+    for path in tqdm(paths, desc="summing shards", unit="shard"):
+        tensors = load_file(path)
         for name in sets:
-            moments[name].add(features[name])
-        if keep is not None:
-            rows = keep[(keep >= start) & (keep < start + len(batch["pixels"]))] - start
-            kept.append(features["features"][rows])
-        start += len(batch["pixels"])
+            moments[name].merge(int(tensors[f"{name}.count"]), tensors[f"{name}.sum"], tensors[f"{name}.outer"])
+        kept.append(tensors["kept_features"].clone())  # its own memory: load_file's tensors share the file's map
     reference = {**moments["features"].statistics(), "resolution": np.array(resolution)}
-    if keep is not None:
+    if draw is not None:
         reference["features"] = torch.cat(kept).numpy()
     for name, suffix in (("spatial", "_s"), ("dinov2", "_dinov2")):
         if name in moments:
             statistics = moments[name].statistics()
             reference[f"mu{suffix}"], reference[f"sigma{suffix}"] = statistics["mu"], statistics["sigma"]
     return reference
+
+
+def reference_shard(loader, start, inception, sets, dinov2, keep, device, progress_bar) -> dict[str, torch.Tensor]:
+    """What a shard file holds for the images of `loader`, the first of which is dataset image `start`: per feature
+    set `<name>.count`, `<name>.sum` and `<name>.outer` (RunningMoments), and the pool features `kept_features` of
+    its images whose index is in `keep`, with those indices as `kept_indices`."""
+    moments = {name: RunningMoments() for name in sets}
+    kept_features, kept_indices = [], []
+    for batch in loader:
+        features = image_features(batch["pixels"].to(device), inception, sets, dinov2)
+        for name in sets:
+            moments[name].add(features[name])
+        end = start + len(batch["pixels"])
+        indices = keep[(keep >= start) & (keep < end)]
+        kept_features.append(features["features"][indices - start])
+        kept_indices.append(indices)
+        start = end
+        progress_bar.update(len(batch["pixels"]))
+    tensors = {"kept_features": torch.cat(kept_features), "kept_indices": torch.cat(kept_indices)}
+    for name in sets:
+        tensors.update(moments[name].tensors(name))
+    return tensors
+
+
+def check_reference_shards(shard_dir: str, settings: dict) -> None:
+    """Raises ValueError if `shard_dir` holds a safetensors file that is not a reference shard made with
+    `settings`."""
+    for name in sorted(os.listdir(shard_dir)):
+        if not name.endswith(".safetensors"):
+            continue
+        with safe_open(os.path.join(shard_dir, name), "pt") as file:
+            metadata = file.metadata() or {}
+        if "settings" not in metadata:
+            raise ValueError(f"shard_dir {shard_dir} holds {name}, which is not a reference statistics shard; pass "
+                             "another shard_dir.")
+        theirs = json.loads(metadata["settings"])
+        differing = [f"{key} {theirs.get(key)}, not {value}" for key, value in settings.items()
+                     if theirs.get(key) != value]
+        if differing:
+            raise ValueError(f"shard_dir {shard_dir} holds {name} of another run ({'; '.join(differing)}); remove "
+                             "its shards or pass another shard_dir.")
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's state dict: names, dtypes, shapes and values."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 class RunningMoments:
@@ -400,13 +492,27 @@ class RunningMoments:
         self.count, self.sum, self.outer = 0, None, None
 
     def add(self, rows: torch.Tensor) -> None:
-        rows = rows.double()
-        if self.sum is None:
-            self.sum, self.outer = rows.sum(0), rows.T @ rows
-        else:
-            self.sum += rows.sum(0)
-            self.outer += rows.T @ rows
+        rows = rows.double().cpu()
+        self.allocate(rows.shape[1])
+        self.sum += rows.sum(0)
+        self.outer.addmm_(rows.T, rows)
         self.count += len(rows)
+
+    def merge(self, count: int, total: torch.Tensor, outer: torch.Tensor) -> None:
+        """Adds the moments of other rows: their count, float64 sum and sum of outer products."""
+        self.allocate(len(total))
+        self.sum += total
+        self.outer += outer
+        self.count += count
+
+    def allocate(self, dim: int) -> None:
+        """Zero sums for rows of `dim` columns, unless there are sums already."""
+        if self.sum is None:
+            self.sum, self.outer = torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dim, dtype=torch.float64)
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """{"<name>.count", "<name>.sum", "<name>.outer"}, as a shard file stores them."""
+        return {f"{name}.count": torch.tensor(self.count), f"{name}.sum": self.sum, f"{name}.outer": self.outer}
 
     def statistics(self) -> dict[str, np.ndarray]:
         """{"mu", "sigma"} as float64 arrays."""
@@ -562,9 +668,8 @@ def evaluate_pipeline(
                 pipeline, inception, labels, *bounds[shard], run["settings"], batch_size, run["save_dir"],
                 progress_bar, sets, dinov2,
             )
-            path = run["paths"][shard]
-            save_file(tensors, path + ".tmp", metadata={"process_index": str(accelerator.process_index)})
-            os.replace(path + ".tmp", path)
+            metadata = {"process_index": str(accelerator.process_index)}
+            write_atomically(run["paths"][shard], lambda file: file.write(save(tensors, metadata)))
     progress_bar.close()
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:

@@ -303,6 +303,18 @@ def fsync_path(path: str) -> None:
         os.close(descriptor)
 
 
+def write_atomically(path: str, write) -> None:
+    """Calls write(file) on `path`.tmp, flushes it to the disk, renames it to `path` and flushes the folder, so that
+    `path` only ever exists complete, even after a power loss."""
+    temporary = path + ".tmp"
+    with open(temporary, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
 def fsync_tree(folder: str) -> None:
     """Flushes every file under `folder`, then every folder, deepest first, to the disk."""
     for root, dirs, files in os.walk(folder, topdown=False):

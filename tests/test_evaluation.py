@@ -26,6 +26,8 @@ from pixelrepa_diffusers.data import center_crop_arr
 from pixelrepa_diffusers.evaluation import (
     RunningMoments,
     evaluation_class_labels,
+    image_features,
+    load_dinov2,
     load_fid_statistics,
     load_inception,
     to_uint8,
@@ -632,22 +634,6 @@ def test_metrics_bad_input_gives_one_line(case, message, metrics_assets, tmp_pat
     assert not (tmp_path / "results_shards").exists()
 
 
-def test_reference_features_are_a_seeded_draw_of_the_images(assets, tmp_path):
-    output = tmp_path / "reference.npz"
-    exit_code = compute_reference_stats.main([
-        "--image_folder", assets["reference_dir"], "--resolution", "32", "--output", str(output), "--inception_weights",
-        assets["weights"], "--num_workers", "0", "--metrics", "fid", "precision", "--num_features", "3", "--seed", "1",
-    ])
-    assert exit_code == 0
-    reference = np.load(output)
-    assert sorted(reference.files) == ["features", "mu", "resolution", "sigma"]  # no sFID or DINOv2 arrays unasked
-    assert int(reference["resolution"]) == 32
-    features, _ = load_inception(assets["weights"])(read_pngs(assets["reference_dir"]))
-    drawn = torch.randperm(4, generator=torch.Generator().manual_seed(1))[:3].sort().values
-    np.testing.assert_allclose(reference["features"], features[drawn].numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(reference["mu"], features.mean(0).numpy(), rtol=1e-5, atol=1e-6)  # all 4 images
-
-
 def test_running_moments_equal_numpy_mean_and_covariance_in_constant_memory():
     rows = torch.rand(300, 2048, generator=torch.Generator().manual_seed(0)) * 4  # pool features are non-negative
     moments = RunningMoments()
@@ -658,3 +644,175 @@ def test_running_moments_equal_numpy_mean_and_covariance_in_constant_memory():
     np.testing.assert_allclose(statistics["mu"], expected.mean(0), rtol=1e-12)
     np.testing.assert_allclose(statistics["sigma"], np.cov(expected, rowvar=False), rtol=1e-6, atol=1e-12)
     assert moments.sum.shape == (2048,) and moments.outer.shape == (2048, 2048)  # whatever the number of rows
+
+
+# Reference statistics in shards: 2 processes against numpy over all images, resume, refusals, constant memory.
+
+
+class PixelProjection(torch.nn.Module):
+    """Stands in for Inception where its cost (0.3 s an image on one core here) would dominate: called like
+    torch-fidelity's Inception on uint8 images (B, 3, 16, 16), it returns 2048 "pool features" and 1008 "logits",
+    a fixed random projection of the pixels through a ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        weight = torch.randn(3 * 16 * 16, 2048 + 1008, generator=torch.Generator().manual_seed(0)) / 16
+        self.register_buffer("weight", weight)
+
+    def forward(self, images):
+        outputs = torch.relu((images.flatten(1).float() / 255 - 0.5) @ self.weight)
+        return outputs[:, :2048], outputs[:, 2048:]
+
+
+STAND_IN_CLI = """import resource
+import sys
+
+from pipelines import compute_reference_stats
+from tests.test_evaluation import PixelProjection
+
+compute_reference_stats.load_inception = lambda weights, device: PixelProjection().to(device)
+code = compute_reference_stats.main()
+print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} KiB", file=sys.stderr)
+sys.exit(code)
+"""
+
+# The stand-in's run: a few hundred images in 8 shards, 4 per process; Inception's (slow): fewer, with sFID.
+SHARDED_RUNS = {
+    "stand_in": {"images": 300, "resolution": 16, "shard_size": 40, "batch_size": 20,
+                 "metrics": ["fid", "precision", "fd_dinov2"]},
+    "inception": {"images": 80, "resolution": 32, "shard_size": 20, "batch_size": 10,
+                  "metrics": ["fid", "precision", "sfid", "fd_dinov2"]},
+}
+
+
+def reference_cli(folder):
+    """The stand-in's compute_reference_stats script, written into `folder`."""
+    path = Path(folder) / "compute_reference_stats_stand_in.py"
+    path.write_text(STAND_IN_CLI)
+    return path
+
+
+def reference_arguments(run, output, *extra):
+    """compute_reference_stats arguments of a sharded run's settings, seed 1, 50 drawn features."""
+    return [
+        "--image_folder", run["image_folder"], "--resolution", str(run["resolution"]), "--output", str(output),
+        "--inception_weights", run["weights"], "--batch_size", str(run["batch_size"]), "--num_workers", "0",
+        "--shard_size", str(run["shard_size"]), "--metrics", *run["metrics"], "--dinov2_model", run["dinov2"],
+        "--num_features", "50", "--seed", "1", *extra,
+    ]
+
+
+@pytest.fixture(scope="module", params=["stand_in", pytest.param("inception", marks=pytest.mark.slow)])
+def sharded_reference(request, metrics_assets):
+    """compute_reference_stats on 2 CPU processes (one thread each) over random 32 px images, several shards per
+    process, with the stand-in or (slow) the random Inception."""
+    root = metrics_assets["root"] / f"sharded_{request.param}"
+    run = {**SHARDED_RUNS[request.param], "extractor": request.param, "weights": metrics_assets["weights"],
+           "dinov2": metrics_assets["dinov2"], "output": root / "reference.npz"}
+    images = torch.randint(0, 256, (run["images"], 3, 32, 32), generator=torch.Generator().manual_seed(7),
+                           dtype=torch.uint8)
+    run["image_folder"] = write_pngs(images, root / "images")
+    script = reference_cli(root) if request.param == "stand_in" else REPO / "pipelines" / "compute_reference_stats.py"
+    run["script"] = script
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               *reference_arguments(run, run["output"])]
+    environment = {**cli_environment(), "ACCELERATE_USE_CPU": "true"}
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return run
+
+
+def test_sharded_reference_equals_numpy_over_all_images_and_the_seeded_draw(sharded_reference):
+    run = sharded_reference
+    # Today's computation: every image's features in one pass (one thread and the same batches as the run's
+    # processes, so that features round alike), then np.mean and np.cov in float64.
+    extractor = PixelProjection() if run["extractor"] == "stand_in" else load_inception(run["weights"])
+    dinov2 = load_dinov2(run["dinov2"])
+    sets = ["features", "spatial", "dinov2"] if "sfid" in run["metrics"] else ["features", "dinov2"]
+    paths = sorted(Path(run["image_folder"]).glob("*.png"))
+    pixels = torch.stack([pil_to_tensor(center_crop_arr(Image.open(path).convert("RGB"), run["resolution"]))
+                          for path in paths])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    batches = [image_features(batch, extractor, sets, dinov2) for batch in pixels.split(run["batch_size"])]
+    torch.set_num_threads(threads)
+    features = {name: torch.cat([batch[name] for batch in batches]).double().numpy() for name in sets}
+
+    reference = np.load(run["output"])
+    suffixes = {"features": "", "spatial": "_s", "dinov2": "_dinov2"}
+    assert sorted(reference.files) == sorted(["features", "resolution"] + [f"{kind}{suffixes[name]}" for name in sets
+                                                                          for kind in ("mu", "sigma")])
+    for name in sets:
+        np.testing.assert_allclose(reference[f"mu{suffixes[name]}"], features[name].mean(0), rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(reference[f"sigma{suffixes[name]}"], np.cov(features[name], rowvar=False),
+                                   rtol=1e-6, atol=1e-12)
+    drawn = torch.randperm(run["images"], generator=torch.Generator().manual_seed(1))[:50].sort().values
+    np.testing.assert_allclose(reference["features"], features["features"][drawn], rtol=1e-6, atol=1e-12)
+
+    shard_dir = run["output"].parent / "reference_shards"
+    starts = range(0, run["images"], run["shard_size"])
+    names = [f"shard-{start:09d}-{min(start + run['shard_size'], run['images']):09d}.safetensors" for start in starts]
+    assert sorted(path.name for path in shard_dir.glob("*.safetensors")) == names and len(names) >= 4
+    makers = []
+    for name in names:
+        with safe_open(shard_dir / name, "pt") as file:
+            makers.append(file.metadata()["process_index"])
+    assert makers == ["0", "1"] * (len(names) // 2)
+
+
+def test_reference_rerun_reuses_finished_shards_and_refuses_another_runs(sharded_reference, tmp_path):
+    run = sharded_reference
+    shard_dir = tmp_path / "shards"
+    shutil.copytree(run["output"].parent / "reference_shards", shard_dir)
+    lost = sorted(shard_dir.glob("*.safetensors"))[1]
+    lost.unlink()  # as if process 1 was stopped before finishing its first shard
+    kept = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in shard_dir.glob("*.safetensors")}
+
+    output = tmp_path / "reference.npz"
+    completed = subprocess.run(  # one plain process this time
+        [sys.executable, str(run["script"]), *reference_arguments(run, output, "--shard_dir", str(shard_dir))],
+        env=cli_environment(), capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in kept} == kept
+    with safe_open(lost, "pt") as file:
+        assert file.metadata()["process_index"] == "0"
+    before, after = np.load(run["output"]), np.load(output)
+    assert before.files == after.files
+    for name in before.files:
+        assert np.array_equal(before[name], after[name]), name
+
+    other = tmp_path / "other.npz"
+    completed = subprocess.run(
+        [sys.executable, str(run["script"]),
+         *reference_arguments(run, other, "--shard_dir", str(shard_dir), "--seed", "2")],
+        env=cli_environment(), capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 1
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: shard_dir {shard_dir} holds {sorted(kept)[0].name} of another run (features_draw "
+                     "{'num_features': 50, 'seed': 1}, not {'num_features': 50, 'seed': 2}); remove its shards or "
+                      "pass another shard_dir."]
+    assert "Traceback" not in completed.stderr and not other.exists()
+    assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in kept} == kept
+
+
+def test_reference_stats_peak_memory_does_not_grow_with_the_image_count(tmp_path):
+    # Two runs 10x apart in one process (the stand-in, 16 px images, 4 shards in the larger run, 100 drawn features).
+    # Storing the pool features of every image, as before, adds 3600 x 2048 float32 = 29.5 MB from 400 to 4000
+    # images (their logits 14.7 MB more); kept moments take 2 x 2048^2 float64 = 64 MiB whatever the count. So the
+    # peak must grow by far less than 29.5 MB: the bound, 8 MB, leaves room for allocator noise (a few MB here).
+    images = torch.randint(0, 256, (4000, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    script = reference_cli(tmp_path)
+    peaks = {}
+    for count in (400, 4000):
+        folder = write_pngs(images[:count], tmp_path / f"images_{count}")
+        completed = subprocess.run(
+            [sys.executable, str(script), "--image_folder", folder, "--resolution", "16", "--output",
+             str(tmp_path / f"reference_{count}.npz"), "--metrics", "fid", "precision", "--num_features", "100",
+             "--shard_size", "1000", "--num_workers", "0"],
+            env=cli_environment(), capture_output=True, text=True, timeout=600,
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        peaks[count] = int(completed.stderr.strip().splitlines()[-1].split()[2]) * 1024
+    assert peaks[4000] - peaks[400] < 8e6, peaks

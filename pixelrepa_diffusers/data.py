@@ -1,6 +1,7 @@
 """Class-labelled training images: ADM center crop, seeded random flip, and skipping of unreadable images."""
 
 import io
+import json
 import logging
 import os
 
@@ -11,6 +12,8 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
+# The settings of a training/prepare_dataset.py run, in its output folder beside the shards.
+PREPARED_MANIFEST = "prepared.json"
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 # What PIL raises for a missing, truncated, corrupt or oversized image file.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -79,8 +82,28 @@ def scan_image_folder(train_data_dir):
     return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
 
 
+def prepared_shard_names(num_shards):
+    """The file names of the Arrow shards training/prepare_dataset.py writes."""
+    return [f"train-{index:05d}-of-{num_shards:05d}.arrow" for index in range(num_shards)]
+
+
+def load_prepared(directory):
+    """The output of training/prepare_dataset.py: its Arrow shards, memory-mapped (nothing is copied)."""
+    with open(os.path.join(directory, PREPARED_MANIFEST)) as file:
+        num_shards = json.load(file)["num_shards"]
+    paths = [os.path.join(directory, name) for name in prepared_shard_names(num_shards)]
+    finished = sum(os.path.isfile(path) for path in paths)
+    if finished < num_shards:
+        raise ValueError(f"{directory!r} holds {finished} of the {num_shards} shards of training/prepare_dataset.py; "
+                         "run the same command again to finish it")
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(path) for path in paths])
+
+
 def load_datasets_source(dataset_name, dataset_config_name=None, split="train", cache_dir=None):
-    """One split of a Hub dataset, a local dataset repository, or a folder written by save_to_disk."""
+    """One split of a Hub dataset, a local dataset repository, a folder written by save_to_disk, or the output of
+    training/prepare_dataset.py."""
+    if os.path.isfile(os.path.join(dataset_name, PREPARED_MANIFEST)):
+        return load_prepared(dataset_name)
     saved_dataset = os.path.isfile(os.path.join(dataset_name, datasets.config.DATASET_STATE_JSON_FILENAME))
     saved_dict = os.path.isfile(os.path.join(dataset_name, datasets.config.DATASETDICT_JSON_FILENAME))
     if saved_dataset:
@@ -105,7 +128,7 @@ def load_image_table(
     """The training images as a datasets.Dataset with two columns: the images and "label" (a ClassLabel, or integer
     class ids; see class_names).
 
-    The images are "image", an undecoded datasets.Image (records {"bytes", "path"}), or, in a dataset written by
+    The images are "image", an undecoded datasets.Image (records {"bytes", "path"}), or, in the output of
     training/prepare_dataset.py (found by its binary "pixel_values" column; image_column is then not used),
     "pixel_values": the raw bytes of a center-cropped uint8 array (3, R, R).
     """

@@ -21,7 +21,7 @@ from pipelines.benchmark_utils import (
     vit_encoder_flops,
 )
 from tests.conftest import TINY_CONFIG
-from training import benchmark_training
+from training import benchmark_data, benchmark_training
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path("/work/.mirror/kaist-cvml+PixelREPA/repo")
@@ -178,6 +178,35 @@ def test_training_cli_gradient_checkpointing_without_baseline(tmp_path):
     assert results["gradient_checkpointing"] and results["baseline_kind"] == "none"
     assert "baseline" not in results and "speedup" not in results
     assert results["ours"]["mfu"] is None
+
+
+def test_data_cli_times_every_layout_against_torchvision(tmp_path):
+    output = tmp_path / "results.json"
+    assert benchmark_data.main(["--num_images", "24", "--resolution", "32", "--min_seconds", "0.05", "--repeats", "1",
+                                "--num_proc", "2", "--output_json", str(output)]) == 0
+    results = json.loads(output.read_text())
+    assert list(results["paths"]) == [benchmark_data.BASELINE, "ours: image folder", "ours: Hub parquet",
+                                      "ours: WebDataset tar", "ours: prepare_dataset.py output"]
+    assert results["paths"][benchmark_data.BASELINE]["ratio"] == 1.0
+    for entry in (*results["paths"].values(), *results["candidates"].values()):
+        assert entry["images_per_second"] > 0
+        assert entry["cores_for_target"] == 2000 / entry["images_per_second"]
+    # Whole epochs: each run loads a multiple of the 24 images.
+    assert all(entry["images_per_run"] % 24 == 0 for entry in results["paths"].values())
+    raw = results["candidates"]["raw uint8 (prepare_dataset.py)"]
+    assert raw["bytes_per_image"] == 3 * 32 * 32
+    assert results["paths"]["ours: prepare_dataset.py output"]["bytes_per_image"] > raw["bytes_per_image"]  # + label
+    assert results["paths"]["ours: image folder"]["bytes_per_image"] == results["source_bytes_per_image"]
+
+
+@pytest.mark.parametrize("cli, arguments, message", [
+    (benchmark_data, ["--min_seconds", "0"], "--min_seconds must be > 0, got 0.0"),
+    (benchmark_data, ["--num_proc", "0"], "--num_proc must be >= 1, got 0"),
+])
+def test_data_benchmark_bad_input_is_one_line(cli, arguments, message, capsys):
+    assert cli.main(arguments) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("error: ") and message in error
 
 
 @pytest.mark.parametrize("cli, argument, message", [

@@ -1,9 +1,11 @@
 import io
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import datasets
@@ -17,6 +19,7 @@ from pixelrepa_diffusers.data import (
     collate_train_batch,
     load_train_dataset,
     make_quickstart_dataset,
+    prepared_shard_names,
 )
 from training import prepare_dataset
 
@@ -171,9 +174,12 @@ def test_prepare_dataset_matches_on_the_fly_crops(image_folder, tmp_path, capsys
         "--train_data_dir", str(image_folder), "--resolution", "16", "--output_dir", str(output_dir), "--num_proc", "2",
     ])
     printed = capsys.readouterr().out
-    assert "Wrote 3 images" in printed and "skipped 1 unreadable" in printed
-    assert sorted(os.listdir(tmp_path)) == ["images", "prepared"]  # the temporary shards are gone
+    assert "holds 3 images (1 shards written now); skipped 1 unreadable" in printed
+    assert sorted(os.listdir(tmp_path)) == ["images", "prepared"]
+    assert sorted(os.listdir(output_dir)) == ["prepared.json", "train-00000-of-00001.arrow"]
     prepared = load_train_dataset(dataset_name=str(output_dir), resolution=16, random_flip=False)
+    # Training memory-maps the shard itself: there is no second copy.
+    assert prepared.table.cache_files == [{"filename": str(output_dir / "train-00000-of-00001.arrow")}]
     on_the_fly = load_train_dataset(train_data_dir=str(image_folder), resolution=16, random_flip=False)
     assert prepared.precropped and prepared.class_names == ["ant", "cat"] and len(prepared) == 3
     readable = [item for item in (on_the_fly[i] for i in range(4)) if item is not None]
@@ -250,19 +256,6 @@ def test_the_hub_imagenet_layout_loads_with_the_default_columns(tmp_path, class_
     assert not list(cache.rglob("cache-*.arrow"))
 
 
-def test_prepare_dataset_reads_the_hub_imagenet_layout(tmp_path):
-    repo = hub_layout(tmp_path / "repo", class_label=True)
-    output_dir = tmp_path / "prepared"
-    assert prepare_dataset.main(["--dataset_name", str(repo), "--resolution", "16", "--output_dir", str(output_dir),
-                                 "--cache_dir", str(tmp_path / "cache")]) == 0
-    prepared = load_train_dataset(dataset_name=str(output_dir), resolution=16, random_flip=False)
-    on_the_fly = load_train_dataset(dataset_name=str(repo), resolution=16, random_flip=False,
-                                    cache_dir=str(tmp_path / "cache"))
-    assert prepared.class_names == ["ant", "bee", "cat"] and len(prepared) == 6
-    for i in range(6):
-        assert torch.equal(prepared[i]["pixel_values"], on_the_fly[i]["pixel_values"])
-
-
 def webdataset_layout(root, shards=2, per_shard=3):
     """WebDataset tar shards: <key>.jpg and <key>.cls (the class id as text) per image."""
     (root / "data").mkdir(parents=True)
@@ -279,7 +272,7 @@ def webdataset_layout(root, shards=2, per_shard=3):
     return root
 
 
-def test_webdataset_shards_load_prepare_and_name_the_keys_found(tmp_path):
+def test_webdataset_shards_load_and_name_the_keys_found(tmp_path):
     repo = webdataset_layout(tmp_path / "shards")
     cache = str(tmp_path / "cache")
     dataset = load_train_dataset(dataset_name=str(repo), image_column="jpg", label_column="cls", resolution=16,
@@ -288,11 +281,122 @@ def test_webdataset_shards_load_prepare_and_name_the_keys_found(tmp_path):
     assert [dataset[i]["class_labels"].item() for i in range(6)] == [0, 1, 2, 0, 1, 2]
     expected = np.asarray(center_crop_arr(random_image(20, 24, seed=4), 16)).transpose(2, 0, 1)
     np.testing.assert_array_equal(dataset[4]["pixel_values"].numpy(), expected)
-    assert prepare_dataset.main(["--dataset_name", str(repo), "--image_column", "jpg", "--label_column", "cls",
-                                 "--resolution", "16", "--output_dir", str(tmp_path / "prepared"), "--cache_dir",
-                                 cache]) == 0
-    prepared = load_train_dataset(dataset_name=str(tmp_path / "prepared"), resolution=16, random_flip=False)
-    assert all(torch.equal(prepared[i]["pixel_values"], dataset[i]["pixel_values"]) for i in range(6))
     with pytest.raises(ValueError, match=r"^image_column 'png' is not a column of .*; columns: \['jpg', 'cls', "
                                          r"'__key__', '__url__'\]$"):
         load_train_dataset(dataset_name=str(repo), image_column="png", label_column="cls", cache_dir=cache)
+
+
+def saved_layout(root):
+    """A save_to_disk folder with an `image` (Image) and a `label` (ClassLabel) column."""
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["ant", "bee", "cat"])})
+    images = [random_image(20, 24, seed=i) for i in range(6)]
+    datasets.Dataset.from_dict({"image": images, "label": [i % 3 for i in range(6)]}, features=features).save_to_disk(
+        str(root))
+    return root
+
+
+# Each holds the same 6 images with labels 0, 1, 2, 0, 1, 2: (build, columns, class names). The image folder is in
+# test_prepare_dataset_matches_on_the_fly_crops.
+LAYOUTS = {
+    "hub ClassLabel": (lambda root: hub_layout(root, class_label=True), {}, ["ant", "bee", "cat"]),
+    "hub int64": (lambda root: hub_layout(root, class_label=False), {}, ["0", "1", "2"]),
+    "save_to_disk": (saved_layout, {}, ["ant", "bee", "cat"]),
+    "webdataset": (webdataset_layout, {"image_column": "jpg", "label_column": "cls"}, ["0", "1", "2"]),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_prepare_dataset_reads_every_datasets_layout(tmp_path, layout):
+    build, columns, class_names = LAYOUTS[layout]
+    source, cache, output_dir = build(tmp_path / "source"), str(tmp_path / "cache"), tmp_path / "prepared"
+    flags = [argument for column, name in columns.items() for argument in (f"--{column}", name)]
+    assert prepare_dataset.main(["--dataset_name", str(source), *flags, "--resolution", "16", "--shard_size", "4",
+                                 "--output_dir", str(output_dir), "--cache_dir", cache]) == 0
+    assert sorted(os.listdir(output_dir)) == ["prepared.json", *prepared_shard_names(2)]
+    prepared = load_train_dataset(dataset_name=str(output_dir), resolution=16, random_flip=False)
+    on_the_fly = load_train_dataset(dataset_name=str(source), resolution=16, random_flip=False, cache_dir=cache,
+                                    **columns)
+    assert prepared.class_names == class_names and len(prepared) == 6
+    assert [prepared[i]["class_labels"].item() for i in range(6)] == [0, 1, 2, 0, 1, 2]
+    for i in range(6):
+        assert torch.equal(prepared[i]["pixel_values"], on_the_fly[i]["pixel_values"])
+
+
+def test_prepare_dataset_resumes_after_a_crash_without_rewriting_finished_shards(tmp_path):
+    """SIGKILLs the CLI while a worker is stuck in the last shard (its last image is a FIFO no one writes to), then
+    runs it again: the finished shards stay as they were, and the output equals an uninterrupted run's."""
+    root, output_dir = tmp_path / "images", tmp_path / "prepared"
+    for i in range(7):
+        (root / "ab"[i // 4]).mkdir(parents=True, exist_ok=True)
+        random_image(20 + i, 24, seed=i).save(root / "ab"[i // 4] / f"{i}.png")
+    fifo = root / "b" / "9.png"
+    os.mkfifo(fifo)
+    arguments = ["--train_data_dir", str(root), "--resolution", "16", "--shard_size", "2", "--num_proc", "2"]
+    command = [sys.executable, str(PREPARE_SCRIPT), *arguments, "--output_dir", str(output_dir)]
+    process = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    shards = [output_dir / name for name in prepared_shard_names(4)]
+    in_flight = output_dir / f"{shards[3].name}.tmp"
+    deadline = time.monotonic() + 120
+    while not (all(shard.exists() for shard in shards[:3]) and in_flight.exists()):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not shards[3].exists()
+    finished = {shard: (shard.stat().st_ino, shard.stat().st_mtime_ns) for shard in shards[:3]}
+
+    fifo.unlink()
+    random_image(30, 24, seed=9).save(fifo)
+    assert prepare_dataset.main([*arguments, "--output_dir", str(output_dir)]) == 0
+    assert {shard: (shard.stat().st_ino, shard.stat().st_mtime_ns) for shard in shards[:3]} == finished
+    assert prepare_dataset.main([*arguments, "--output_dir", str(tmp_path / "uninterrupted")]) == 0
+    names = sorted(os.listdir(output_dir))
+    assert names == ["prepared.json", *(shard.name for shard in shards)]  # the partial shard is gone
+    assert names == sorted(os.listdir(tmp_path / "uninterrupted"))
+    for name in names:
+        assert (output_dir / name).read_bytes() == (tmp_path / "uninterrupted" / name).read_bytes()
+
+
+def test_prepare_dataset_bad_input_and_partial_output_are_one_line(image_folder, tmp_path, capsys):
+    output_dir = tmp_path / "prepared"
+
+    def error_line(*arguments, output=output_dir):
+        code = prepare_dataset.main(["--train_data_dir", str(image_folder), "--output_dir", str(output), *arguments])
+        error = capsys.readouterr().err
+        assert code == 1 and error.count("\n") == 1
+        return error.strip().removeprefix("prepare_dataset.py: error: ")
+
+    assert error_line("--num_proc", "0") == "num_proc must be >= 1, got 0"
+    assert error_line("--shard_size", "0") == "shard_size must be >= 1, got 0"
+    assert prepare_dataset.main(["--train_data_dir", str(image_folder), "--output_dir", str(output_dir),
+                                 "--resolution", "16", "--shard_size", "2"]) == 0
+    capsys.readouterr()
+    assert error_line("--resolution", "8", "--shard_size", "2") == (
+        f"output_dir {str(output_dir)!r} holds a run with resolution 16; this run has resolution 8: "
+        "pass another output_dir")
+    unrelated = tmp_path / "unrelated"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("mine")
+    assert error_line(output=unrelated) == (
+        f"output_dir {str(unrelated)!r} holds no prepared.json, so it is not a run of this script; expected a new or "
+        "empty folder, found ['notes.txt']")
+    # A run cut short does not load; the same command finishes it.
+    (output_dir / "train-00001-of-00002.arrow").unlink()
+    with pytest.raises(ValueError, match=r"holds 1 of the 2 shards of training/prepare_dataset.py; run the same "
+                                         "command again to finish it"):
+        load_train_dataset(dataset_name=str(output_dir), resolution=16)
+    capsys.readouterr()
+    assert prepare_dataset.main(["--train_data_dir", str(image_folder), "--output_dir", str(output_dir),
+                                 "--resolution", "16", "--shard_size", "2"]) == 0
+    assert "holds 3 images (1 shards written now)" in capsys.readouterr().out
+
+
+def test_prepare_dataset_uses_the_cores_it_may_run_on_by_default():
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})
+    try:
+        assert prepare_dataset.parse_args(["--output_dir", "out"]).num_proc == 1
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert prepare_dataset.parse_args(["--output_dir", "out"]).num_proc == len(cores)

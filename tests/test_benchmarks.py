@@ -21,7 +21,7 @@ from pipelines.benchmark_utils import (
     vit_encoder_flops,
 )
 from tests.conftest import TINY_CONFIG
-from training import benchmark_data, benchmark_training
+from training import benchmark_checkpoint_memory, benchmark_data, benchmark_training
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path("/work/.mirror/kaist-cvml+PixelREPA/repo")
@@ -180,6 +180,19 @@ def test_training_cli_gradient_checkpointing_without_baseline(tmp_path):
     assert results["ours"]["mfu"] is None
 
 
+def test_checkpoint_memory_cli_finds_no_model_copy_on_any_process(tmp_path):
+    output = tmp_path / "results.json"
+    assert benchmark_checkpoint_memory.main(["--num_layers", "1", "--output_json", str(output)]) == 0
+    results = json.loads(output.read_text())
+    assert results["script"] == str(REPO / "training" / "train_pixelrepa.py")
+    assert results["parameters"] > 1e7  # B/16 width: one 768-wide block and the embeddings
+    assert [process["rank"] for process in results["processes"]] == [0, 1]
+    for process in results["processes"]:
+        assert len(process["saves"]) == 2
+        # Copying both EMAs, as checkpoints did before gathered_state_dict, adds 2.00 model copies on every process.
+        assert process["model_copies"] < 0.1, process
+
+
 def test_data_cli_times_every_layout_against_torchvision(tmp_path):
     output = tmp_path / "results.json"
     assert benchmark_data.main(["--num_images", "24", "--resolution", "32", "--min_seconds", "0.05", "--repeats", "1",
@@ -200,10 +213,12 @@ def test_data_cli_times_every_layout_against_torchvision(tmp_path):
 
 
 @pytest.mark.parametrize("cli, arguments, message", [
+    (benchmark_checkpoint_memory, ["--checkout", "/nonexistent"], "--checkout '/nonexistent' holds no training/"),
+    (benchmark_checkpoint_memory, ["--num_layers", "0"], "--num_layers must be >= 1, got 0"),
     (benchmark_data, ["--min_seconds", "0"], "--min_seconds must be > 0, got 0.0"),
     (benchmark_data, ["--num_proc", "0"], "--num_proc must be >= 1, got 0"),
 ])
-def test_data_benchmark_bad_input_is_one_line(cli, arguments, message, capsys):
+def test_data_and_checkpoint_benchmarks_bad_input_is_one_line(cli, arguments, message, capsys):
     assert cli.main(arguments) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("error: ") and message in error

@@ -113,6 +113,10 @@ def load_datasets_source(dataset_name, dataset_config_name=None, split="train", 
         if split not in splits:
             raise ValueError(f"split {split!r} is not in {dataset_name!r}; available: {list(splits)}")
         return splits[split]
+    # Checked from the file names (or the Hub's listing) before load_dataset converts any split to Arrow.
+    splits = datasets.get_dataset_split_names(dataset_name, dataset_config_name)
+    if split not in splits:
+        raise ValueError(f"split {split!r} is not in {dataset_name!r}; available: {splits}")
     return datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
 
 

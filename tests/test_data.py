@@ -256,6 +256,21 @@ def test_the_hub_imagenet_layout_loads_with_the_default_columns(tmp_path, class_
     assert not list(cache.rglob("cache-*.arrow"))
 
 
+def test_a_parquet_repository_without_the_split_is_one_line_before_any_conversion(tmp_path, capsys):
+    repo = hub_layout(tmp_path / "repo", class_label=True)
+    for shard in (repo / "data").iterdir():
+        shard.rename(shard.with_name(shard.name.replace("train", "validation")))
+    cache = tmp_path / "cache"
+    capsys.readouterr()
+    code = prepare_dataset.main(["--dataset_name", str(repo), "--resolution", "16", "--output_dir",
+                                 str(tmp_path / "prepared"), "--cache_dir", str(cache)])
+    error = capsys.readouterr().err
+    assert code == 1 and error.count("\n") == 1
+    assert error == f"prepare_dataset.py: error: split 'train' is not in {str(repo)!r}; available: ['validation']\n"
+    assert not list(cache.rglob("*.arrow"))  # nothing converted
+    assert len(load_train_dataset(dataset_name=str(repo), split="validation", resolution=16, cache_dir=str(cache))) == 6
+
+
 def webdataset_layout(root, shards=2, per_shard=3):
     """WebDataset tar shards: <key>.jpg and <key>.cls (the class id as text) per image."""
     (root / "data").mkdir(parents=True)

@@ -1,6 +1,6 @@
 """Write the ADM center crops of a training set once, for nodes with few CPU cores per GPU.
 
-One CPU core decodes and crops about 230 ImageNet-sized JPEGs a second, and reads about 5,000 prepared crops
+One CPU core decodes and crops about 240 ImageNet-sized JPEGs a second, and reads about 5,000 prepared crops
 (training/benchmark_data.py, BENCHMARKS.md). A node of 8 GPUs that trains on 2,000 images/s needs about 9 cores for
 the images as they are and half a core for the prepared copy. With the cores to spare, train on the images as they
 are.

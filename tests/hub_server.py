@@ -1,4 +1,4 @@
-"""A local stand-in for the Hugging Face Hub: the HTTP endpoints huggingface_hub uses to create a repo, commit
+"""A local stand-in for the Hugging Face Hub: the HTTP endpoints huggingface_hub and datasets use to create a repo, commit
 files, read repo info and tree listings, and resolve (HEAD / GET) files. Loopback only, in memory, stops by itself.
 
 Point `HF_ENDPOINT` at `LocalHub.url` in the process that talks to it (huggingface_hub reads it at import time).
@@ -22,6 +22,11 @@ def git_blob_id(content: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
 
 
+def repo_key(repo_type: str, repo_id: str) -> str:
+    """How LocalHub keys a repo: its id for a model repo, "datasets/<id>" for a dataset repo."""
+    return repo_id if repo_type == "models" else f"{repo_type}/{repo_id}"
+
+
 def unreachable_url() -> str:
     """A loopback URL on which nothing listens, standing in for a Hub that cannot be reached."""
     with socket.socket() as sock:
@@ -30,9 +35,17 @@ def unreachable_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def file_entry(path: str, content: bytes) -> dict:
+    return {"type": "file", "path": path, "size": len(content), "oid": git_blob_id(content)}
+
+
+def folder_entry(path: str) -> dict:
+    return {"type": "directory", "path": path, "size": 0, "oid": git_blob_id(path.encode())}
+
+
 class LocalHub:
     """
-    In-memory model repos served over HTTP on 127.0.0.1.
+    In-memory model and dataset repos served over HTTP on 127.0.0.1 (a dataset repo is keyed by repo_key).
 
     Args:
         lifetime_s: the server shuts itself down after this many seconds.
@@ -116,8 +129,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self.create_repo()
             elif method == "POST" and parts == ["api", "validate-yaml"]:
                 self.send_json(200, {"errors": [], "warnings": []})
-            elif parts[:2] == ["api", "models"] and len(parts) >= 4:
-                self.route_api(method, f"{parts[2]}/{parts[3]}", parts[4:], query)
+            elif parts[:1] == ["api"] and len(parts) >= 4 and parts[1] in ("models", "datasets"):
+                self.route_api(method, repo_key(parts[1], f"{parts[2]}/{parts[3]}"), parts[4:], query)
+            elif method in ("HEAD", "GET") and parts[:1] == ["datasets"] and len(parts) >= 6 and parts[3] == "resolve":
+                self.resolve(method, repo_key("datasets", f"{parts[1]}/{parts[2]}"), parts[4], "/".join(parts[5:]))
             elif method in ("HEAD", "GET") and len(parts) >= 5 and parts[2] == "resolve":
                 self.resolve(method, f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
             else:
@@ -129,12 +144,13 @@ class _Handler(BaseHTTPRequestHandler):
             if commit_id is not None:
                 self.model_info(repo_id, commit_id)
         elif method == "GET" and rest[:1] == ["tree"] and len(rest) >= 2:
-            if query.get("recursive", "false").lower() not in ("1", "true"):
-                self.send_error_json(400, None, "This local Hub only lists trees recursively.")
-            else:
-                commit_id = self.resolve_revision(repo_id, rest[1])
-                if commit_id is not None:
-                    self.tree(commit_id, "/".join(rest[2:]))
+            commit_id = self.resolve_revision(repo_id, rest[1])
+            if commit_id is not None:
+                self.tree(commit_id, "/".join(rest[2:]), query.get("recursive", "false").lower() in ("1", "true"))
+        elif method == "POST" and rest[:1] == ["paths-info"] and len(rest) == 2:
+            commit_id = self.resolve_revision(repo_id, rest[1])
+            if commit_id is not None:
+                self.paths_info(commit_id, parse_qs(self.read_body().decode()).get("paths", []))
         elif method == "POST" and rest[:1] == ["preupload"] and len(rest) == 2:
             if self.resolve_revision(repo_id, rest[1]) is not None:
                 self.preupload()
@@ -179,13 +195,27 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
 
-    def tree(self, commit_id: str, folder: str) -> None:
+    def tree(self, commit_id: str, folder: str, recursive: bool) -> None:
+        """The files under `folder` (recursive), or its files and folders (not)."""
         prefix = f"{folder}/" if folder else ""
-        entries = [
-            {"type": "file", "path": path, "size": len(content), "oid": git_blob_id(content)}
-            for path, content in sorted(self.hub.snapshots[commit_id].items())
-            if path.startswith(prefix)
-        ]
+        files = {path: content for path, content in self.hub.snapshots[commit_id].items() if path.startswith(prefix)}
+        if recursive:
+            self.send_json(200, [file_entry(path, content) for path, content in sorted(files.items())])
+            return
+        children = {}
+        for path, content in sorted(files.items()):
+            name, _, below = path[len(prefix):].partition("/")
+            children[prefix + name] = folder_entry(prefix + name) if below else file_entry(path, content)
+        self.send_json(200, list(children.values()))
+
+    def paths_info(self, commit_id: str, paths: list[str]) -> None:
+        files = self.hub.snapshots[commit_id]
+        entries = []
+        for path in paths:
+            if path in files:
+                entries.append(file_entry(path, files[path]))
+            elif any(name.startswith(f"{path}/") for name in files):
+                entries.append(folder_entry(path))
         self.send_json(200, entries)
 
     def resolve(self, method: str, repo_id: str, revision: str, path: str) -> None:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from transformers import Dinov2Config, Dinov2Model
 
 from pixelrepa_diffusers import PixelREPAPipeline
+from pixelrepa_diffusers.data import load_train_dataset
 from pixelrepa_diffusers.losses import PixelREPATrainingObjective
 from pixelrepa_diffusers.training_utils import (
     ExponentialMovingAverage,
@@ -28,9 +29,11 @@ from pixelrepa_diffusers.training_utils import (
     list_checkpoints,
     remove_incomplete_checkpoints,
 )
+from tests.hub_server import LocalHub, repo_key
+from tests.test_data import LAYOUTS as DATA_LAYOUTS
 from tests.test_data import hub_layout
 from tests.two_nodes import launch_two_nodes
-from training import train_pixelrepa
+from training import prepare_dataset, train_pixelrepa
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -269,16 +272,61 @@ def test_checkpoints_are_on_the_disk_before_they_are_renamed(assets, tmp_path, m
     assert (str(tmp_path), True) in synced  # the rename itself, after it happened
 
 
-@pytest.mark.parametrize("class_label", [True, False])
-def test_a_step_on_the_hub_imagenet_layout(assets, tmp_path, class_label):
-    repo = hub_layout(tmp_path / "repo", class_label, num_shards=2, per_shard=8)
-    argv = flags(assets, tmp_path / "out", "--max_train_steps", "1", "--cache_dir", str(tmp_path / "cache"))
-    argv[argv.index("--train_data_dir"):argv.index("--train_data_dir") + 2] = ["--dataset_name", str(repo)]
+def prepared_layout(root):
+    """The output of prepare_dataset.py for the Hub layout with ClassLabel labels."""
+    source = hub_layout(root.parent / f"{root.name}_source", class_label=True)
+    assert prepare_dataset.main(["--dataset_name", str(source), "--resolution", "32", "--output_dir", str(root),
+                                 "--cache_dir", str(root.parent / "cache")]) == 0
+    return root
+
+
+# Each layout's 6 images in 3 classes: (build, data flags, the trained pipeline's labels). The image folder is in
+# every other test.
+LAYOUTS = {**DATA_LAYOUTS, "prepare_dataset.py": (prepared_layout, {}, ["ant", "bee", "cat"])}
+
+
+def layout_flags(assets, output_dir, source, columns, *extra):
+    """The tiny run's flags on `source` (a --dataset_name) instead of the image folder, with batches of 2."""
+    argv = flags(assets, output_dir, "--train_batch_size", "2", *extra)
+    argv[argv.index("--train_data_dir"):argv.index("--train_data_dir") + 2] = ["--dataset_name", str(source)]
+    return argv + [argument for column, name in columns.items() for argument in (f"--{column}", name)]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_step_on_every_data_layout(assets, tmp_path, layout):
+    build, columns, class_names = LAYOUTS[layout]
+    source = build(tmp_path / "source")
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    argv = layout_flags(assets, tmp_path / "out", source, columns, "--max_train_steps", "1", "--cache_dir",
+                        str(tmp_path / "cache"))
     assert train_pixelrepa.main(argv) == 0
     config = json.loads((tmp_path / "out" / "model_index.json").read_text())
-    assert config["id2label"] == ({"0": "ant", "1": "bee", "2": "cat"} if class_label else {"0": "0", "1": "1", "2": "2"})
+    assert config["id2label"] == {str(index): name for index, name in enumerate(class_names)}
+
+
+def test_a_hub_dataset_id_trains_and_prepares(assets, tmp_path):
+    """The Hub's imagenet-1k layout as a dataset repository on the local Hub, by its id, through both scripts."""
+    repo = hub_layout(tmp_path / "repo", class_label=True)
+    files = {str(path.relative_to(repo)): path.read_bytes() for path in repo.rglob("*") if path.is_file()}
+    with LocalHub() as hub:
+        hub.commit(repo_key("datasets", "user/imagenet-tiny"), files)
+        environment = {**subprocess_env(), "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home")}
+        train_command = [sys.executable, str(SCRIPT), *layout_flags(assets, tmp_path / "out", "user/imagenet-tiny", {},
+                                                                   "--max_train_steps", "1")]
+        prepare_command = [sys.executable, str(REPO / "training" / "prepare_dataset.py"), "--dataset_name",
+                           "user/imagenet-tiny", "--resolution", "32", "--output_dir", str(tmp_path / "prepared")]
+        for command in (train_command, prepare_command):
+            result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stderr[-3000:]
+    assert ("GET", "/api/datasets/user/imagenet-tiny") in hub.requests
+    config = json.loads((tmp_path / "out" / "model_index.json").read_text())
+    assert config["id2label"] == {"0": "ant", "1": "bee", "2": "cat"}
+    prepared = load_train_dataset(dataset_name=str(tmp_path / "prepared"), resolution=32, random_flip=False)
+    local = load_train_dataset(dataset_name=str(repo), resolution=32, random_flip=False,
+                               cache_dir=str(tmp_path / "cache"))
+    assert len(prepared) == 6 and all(torch.equal(prepared[i]["pixel_values"], local[i]["pixel_values"])
+                                      for i in range(6))
 
 
 class WritesAFile:

@@ -48,6 +48,9 @@ def parse_args(argv=None):
                         choices=JiTFlowMatchScheduler.TIME_GRIDS, help="Time grids to measure.")
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 8, 10, 12, 15, 20, 25, 30, 40, 50],
                         help="Step counts to measure (Heun-50 on the uniform grid is always measured).")
+    parser.add_argument("--searched_solvers", nargs="+", default=[],
+                        help="Pipeline folders written by search_solver.py for this model: each one's searched "
+                             "solver is measured at its own step count (time grid 'own').")
     parser.add_argument("--shift", type=float, default=3.0, help="Shift of the 'shifted' time grid.")
     parser.add_argument("--reference_steps", type=int, default=500, help="Heun steps of the converged reference.")
     parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
@@ -114,7 +117,8 @@ def plot(results: list[dict], heun_50: dict, path: str, title: str) -> None:
         line = sorted((result["evaluations"], result["error"]) for result in results
                       if result["solver"] == solver and result["time_grid"] == time_grid)
         axes.plot(*zip(*line), marker="o", markersize=3, color=plt.cm.tab10(solvers.index(solver) % 10),
-                  linestyle=styles[time_grid], label=f"{solver} / {time_grid}")
+                  linestyle=styles[time_grid], linewidth=2.5 if solver == "searched" else 1.2,
+                  label=f"{solver} / {time_grid}")
     axes.axhline(heun_50["error"], color="gray", linestyle="--", label="Heun-50 (99 evaluations), the paper's")
     axes.set_xscale("log")
     axes.set_yscale("log")
@@ -153,12 +157,20 @@ def benchmark(args) -> None:
                 for steps in args.steps]
     if PAPER_SETTING not in settings:
         settings.append(PAPER_SETTING)
+    measured = [(solver, time_grid, steps, scheduler(solver, time_grid)) for solver, time_grid, steps in settings]
+    for folder in args.searched_solvers:
+        searched = JiTFlowMatchScheduler.from_pretrained(folder, subfolder="scheduler")
+        if searched.config.solver != "searched":
+            raise ValueError(f"--searched_solvers {folder} holds solver {searched.config.solver!r}, not a searched one.")
+        measured.append(("searched", "own", len(searched.config.searched_times) - 1, searched))
     results = []
-    for solver, time_grid, steps in settings:
+    for solver, time_grid, steps, solver_scheduler in measured:
         try:
-            images, evaluations, seconds = sample(pipeline, labels, noise, scheduler(solver, time_grid), steps,
+            images, evaluations, seconds = sample(pipeline, labels, noise, solver_scheduler, steps,
                                                   guidance_scale, guidance_interval)
         except ValueError as error:  # e.g. fewer steps than the solver's order
+            if solver == "searched":
+                raise
             print(f"skipped {solver} / {time_grid} / {steps} steps: {error}")
             continue
         result = dict(solver=solver, time_grid=time_grid, steps=steps, evaluations=evaluations,

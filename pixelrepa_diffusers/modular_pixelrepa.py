@@ -86,6 +86,8 @@ class PixelREPASetTimestepsStep(ModularPipelineBlocks):
             InputParam("num_inference_steps", type_hint=int, default=50, description="ODE steps"),
             InputParam("guidance_scale", type_hint=float, description="CFG scale; None: the pipeline's default"),
             InputParam("guidance_interval", type_hint=tuple, description="CFG interval; None: the pipeline's default"),
+            InputParam("accept_other_guidance", type_hint=bool, default=False,
+                       description='let a "searched" solver sample with guidance other than it was searched for'),
         ]
 
     @property
@@ -109,6 +111,7 @@ class PixelREPASetTimestepsStep(ModularPipelineBlocks):
         scheduler.set_timesteps(
             block_state.num_inference_steps, device=components._execution_device,
             guidance_interval=None if block_state.guidance_scale == 1.0 else block_state.guidance_interval,
+            guidance_scale=block_state.guidance_scale, accept_other_guidance=block_state.accept_other_guidance,
         )
         in_interval = in_guidance_interval(scheduler.timesteps.to("cpu", torch.float32), block_state.guidance_interval)
         block_state.scheduler = scheduler

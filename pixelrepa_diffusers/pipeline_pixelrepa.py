@@ -252,6 +252,7 @@ class PixelREPAPipeline(DiffusionPipeline):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         precision: str = "model",
+        accept_other_guidance: bool = False,
     ):
         """
         Args:
@@ -271,6 +272,8 @@ class PixelREPAPipeline(DiffusionPipeline):
             precision: the transformer's numerical regime, one of `PRECISIONS`: "model" (its weight dtype, no
                 autocast), "official" (the papers': fp32 weights, bf16 autocast, fp32 attention logits) or
                 "bf16_sdpa" (bf16 autocast, SDPA attention in bf16). The last two need fp32 weights.
+            accept_other_guidance: let a "searched" scheduler sample with a guidance scale or interval other than
+                it was searched for (its coefficients were fitted to those).
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -289,12 +292,10 @@ class PixelREPAPipeline(DiffusionPipeline):
         latents = latents.to(device=device, dtype=torch.float32) * noise_scale
 
         jit_scheduler = uses_jit_scheduler(self.scheduler)
-        timesteps = self.evaluation_times(num_inference_steps, device, jit_scheduler,
-                                          None if guidance_scale == 1.0 else guidance_interval)
+        timesteps = self.evaluation_times(num_inference_steps, device, jit_scheduler, guidance_scale,
+                                          None if guidance_scale == 1.0 else guidance_interval, accept_other_guidance)
         in_interval = in_guidance_interval(timesteps.detach().to("cpu", torch.float32), guidance_interval).tolist()
         class_labels = torch.tensor(labels, device=device)
-        null_labels = torch.full_like(class_labels, config.num_classes)
-        model_dtype = self.transformer.dtype
         self._guidance_scale = guidance_scale
         self._num_timesteps = len(timesteps)
         self._interrupt = False
@@ -303,19 +304,8 @@ class PixelREPAPipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     break
-                guided = self.do_classifier_free_guidance and in_interval[i]
-                if guided:
-                    model_input = torch.cat([latents, latents])
-                    labels_input = torch.cat([class_labels, null_labels])
-                else:
-                    model_input, labels_input = latents, class_labels
-                with precision_context(self.transformer, precision, device):
-                    x_pred = self.transformer(
-                        model_input.to(model_dtype), t.expand(model_input.shape[0]), labels_input
-                    ).sample.float()
-                if guided:
-                    x_cond, x_uncond = x_pred.chunk(2)
-                    x_pred = x_uncond + self.guidance_scale * (x_cond - x_uncond)
+                guidance = self.guidance_scale if self.do_classifier_free_guidance and in_interval[i] else None
+                x_pred = self.predict_clean_image(latents, t, class_labels, guidance, precision)
                 if jit_scheduler:
                     latents = self.scheduler.step(x_pred, t, latents).prev_sample
                 else:
@@ -342,6 +332,24 @@ class PixelREPAPipeline(DiffusionPipeline):
             return (images,)
         return ImagePipelineOutput(images=images)
 
+    def predict_clean_image(self, latents: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor,
+                            guidance: float | None, precision: str) -> torch.Tensor:
+        """The model's clean-image prediction (fp32) at JiT time `t`: x_uncond + guidance (x_cond - x_uncond), or
+        x_cond where `guidance` is None."""
+        if guidance is not None:
+            model_input = torch.cat([latents, latents])
+            labels_input = torch.cat([class_labels, torch.full_like(class_labels, self.transformer.config.num_classes)])
+        else:
+            model_input, labels_input = latents, class_labels
+        with precision_context(self.transformer, precision, latents.device):
+            x_pred = self.transformer(
+                model_input.to(self.transformer.dtype), t.expand(model_input.shape[0]), labels_input
+            ).sample.float()
+        if guidance is not None:
+            x_cond, x_uncond = x_pred.chunk(2)
+            x_pred = x_uncond + guidance * (x_cond - x_uncond)
+        return x_pred
+
     def flow_settings(self) -> tuple[float, float]:
         """
         (noise_scale, t_eps) of the model: the JiT scheduler's, which a diffusers scheduler made with
@@ -354,10 +362,12 @@ class PixelREPAPipeline(DiffusionPipeline):
                              f"{name}.from_config(pipe.scheduler.config, ...) from the pipeline's JiT scheduler.")
         return config.noise_scale, config.t_eps
 
-    def evaluation_times(self, num_inference_steps: int, device, jit_scheduler: bool, guidance_interval) -> torch.Tensor:
+    def evaluation_times(self, num_inference_steps: int, device, jit_scheduler: bool, guidance_scale: float,
+                         guidance_interval, accept_other_guidance: bool) -> torch.Tensor:
         """Sets the scheduler's timesteps; returns the JiT times of the model evaluations (t = 1 - sigma)."""
         if jit_scheduler:
-            self.scheduler.set_timesteps(num_inference_steps, device=device, guidance_interval=guidance_interval)
+            self.scheduler.set_timesteps(num_inference_steps, device=device, guidance_interval=guidance_interval,
+                                         guidance_scale=guidance_scale, accept_other_guidance=accept_other_guidance)
             return self.scheduler.timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         sigmas = self.scheduler.sigmas[: len(self.scheduler.timesteps)]

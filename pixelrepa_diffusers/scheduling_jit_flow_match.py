@@ -60,6 +60,26 @@ def exponential_adams_weights(nodes: list[float], h: float) -> list[float]:
     return weights
 
 
+def check_searched_solver(times, coefficients, guidance_scale, guidance_interval) -> None:
+    """Raises ValueError unless these make a "searched" solver: len(times) - 1 rows of coefficients, row i of length
+    i + 1, times increasing from 0 to 1, and the guidance they were searched for."""
+    if times is None or coefficients is None or guidance_scale is None or guidance_interval is None:
+        raise ValueError('solver "searched" needs searched_times, searched_coefficients, searched_guidance_scale and '
+                         "searched_guidance_interval (pipelines/search_solver.py writes them).")
+    if len(times) < 2 or times[0] != 0 or times[-1] != 1:
+        raise ValueError(f"searched_times must run from 0 to 1 with at least 2 points, got {list(times)}.")
+    if any(not later > earlier for earlier, later in zip(times[:-1], times[1:])):
+        raise ValueError(f"searched_times must be increasing, got {list(times)}.")
+    if len(coefficients) != len(times) - 1:
+        raise ValueError(f"searched_coefficients must have one row per step ({len(times) - 1} for "
+                         f"{len(times)} searched_times), got {len(coefficients)}.")
+    lengths = [len(row) for row in coefficients]
+    if lengths != list(range(1, len(coefficients) + 1)):
+        raise ValueError(f"searched_coefficients row i must have i + 1 shares (1, 2, ..., {len(coefficients)}), got "
+                         f"rows of {lengths}.")
+    check_guidance_interval(guidance_interval)
+
+
 @dataclass
 class JiTFlowMatchSchedulerOutput(BaseOutput):
     """prev_sample: the ODE state at the next evaluation time."""
@@ -81,6 +101,14 @@ class JiTFlowMatchScheduler(SchedulerMixin, ConfigMixin):
       linear in z also where the clamp holds, so the linear part is integrated exactly and x_pred is interpolated
       through the last evaluations. With less history than its order (the first steps, and the first steps after
       the guidance switches on or off, where x_pred jumps) a step uses all the history it has: order 1, then 2, ...
+    - "searched": a solver searched for one model, step count and guidance (`pipelines/search_solver.py`), in the
+      multistep form: the linear part exact in rho, the x-prediction combined with searched shares. Step i goes from
+      `searched_times[i]` to `searched_times[i + 1]` (the model is evaluated at the first) as
+          z_next = exp(-h) z + (1 - exp(-h)) * sum_j searched_coefficients[i][j] * x_pred_(i - j),  h = rho_next - rho
+      so row i holds the shares of the current prediction (j = 0) and of each earlier one (j = 1 .. i, newest first)
+      in the clean image the step moves towards. Rows that sum to 1 are exact for a constant prediction. `multistep2`
+      is the row (w_0, w_1, 0, ...) / (1 - exp(-h)) of its weights. The coefficients hold for the guidance they
+      were searched with (`searched_guidance_scale`, `searched_guidance_interval`), checked by `set_timesteps`.
 
     Time grids (the points the ODE steps between; evaluations happen at each step's start):
     - "uniform": linspace(0, 1, steps + 1), as the official sampler.
@@ -95,6 +123,9 @@ class JiTFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         noise_scale: standard deviation of the initial noise (`init_noise_sigma`).
         time_grid: one of `TIME_GRIDS`.
         shift: the "shifted" grid's shift.
+        searched_times: the "searched" solver's steps + 1 times, from 0 to 1, increasing.
+        searched_coefficients: its rows of shares, row i of length i + 1.
+        searched_guidance_scale, searched_guidance_interval: the guidance its coefficients were searched for.
     """
 
     # The solvers and how model cards name them.
@@ -103,6 +134,7 @@ class JiTFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         "euler": "Euler",
         "multistep2": "exponential Adams-Bashforth of order 2",
         "multistep3": "exponential Adams-Bashforth of order 3",
+        "searched": "searched multistep (times and coefficients searched for this model)",
     }
     SOLVERS = tuple(SOLVER_LABELS)
     TIME_GRIDS = ("uniform", "guidance", "shifted")
@@ -111,7 +143,9 @@ class JiTFlowMatchScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, solver: str = "heun", t_eps: float = 0.05, noise_scale: float = 1.0, time_grid: str = "uniform",
-                 shift: float = 3.0):
+                 shift: float = 3.0, searched_times: list[float] | None = None,
+                 searched_coefficients: list[list[float]] | None = None, searched_guidance_scale: float | None = None,
+                 searched_guidance_interval: list[float] | None = None):
         if solver not in self.SOLVERS:
             raise ValueError(f"solver must be one of {self.SOLVERS}, got {solver!r}.")
         if time_grid not in self.TIME_GRIDS:
@@ -122,6 +156,12 @@ class JiTFlowMatchScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"noise_scale must be > 0, got {noise_scale}.")
         if not shift > 0:
             raise ValueError(f"shift must be > 0, got {shift}.")
+        searched = (searched_times, searched_coefficients, searched_guidance_scale, searched_guidance_interval)
+        if solver == "searched":
+            check_searched_solver(*searched)
+        elif any(value is not None for value in searched):
+            raise ValueError(f'searched_times, searched_coefficients, searched_guidance_scale and '
+                             f'searched_guidance_interval belong to solver "searched", not {solver!r}.')
         # noise_scale and t_eps are the model's, not the solver's. They stay in the config at their defaults too
         # (from_config drops default values), so `X.from_config(pipe.scheduler.config)` hands them to any scheduler.
         defaults = [name for name in self.config.get("_use_default_values", []) if name not in FLOW_SETTINGS]
@@ -134,6 +174,24 @@ class JiTFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         self._predictor_state = None
         self._history = []
         self._restarts = set()
+
+    def check_searched_call(self, num_inference_steps: int, guidance_scale, guidance_interval,
+                            accept_other_guidance: bool) -> None:
+        """Raises ValueError unless the call samples with the step count and guidance the solver was searched for."""
+        config = self.config
+        steps = len(config.searched_times) - 1
+        if num_inference_steps != steps:
+            raise ValueError(f'num_inference_steps must be {steps} for this "searched" solver (it was searched for '
+                             f"{steps} steps), got {num_inference_steps}; search another for {num_inference_steps}.")
+        if accept_other_guidance:
+            return
+        searched = (config.searched_guidance_scale, list(config.searched_guidance_interval))
+        asked = (1.0 if guidance_scale is None else guidance_scale,
+                 list(config.searched_guidance_interval if guidance_interval is None else guidance_interval))
+        if asked != searched:
+            raise ValueError(f"guidance_scale and guidance_interval must be {searched[0]} and {tuple(searched[1])}, "
+                             f'which this "searched" solver was searched for, got {asked[0]} and {tuple(asked[1])}; '
+                             "pass accept_other_guidance=True to sample with them anyway.")
 
     @property
     def order(self) -> int:
@@ -162,10 +220,13 @@ class JiTFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         return torch.cat(pieces + [torch.ones(1, dtype=torch.float64)]).float()
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None,
-                      guidance_interval: tuple[float, float] | None = None) -> None:
+                      guidance_interval: tuple[float, float] | None = None, guidance_scale: float | None = None,
+                      accept_other_guidance: bool = False) -> None:
         """
         Sets `timesteps`, the JiT times at which the model is evaluated, in call order. `guidance_interval` (None when
-        no guidance is used) places the "guidance" grid's points and the multistep solvers' restarts.
+        no guidance is used) places the "guidance" grid's points and the multistep solvers' restarts. The "searched"
+        solver takes only its own step count, and the guidance it was searched for (`guidance_scale`,
+        `guidance_interval`) unless `accept_other_guidance`.
         """
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
             raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}.")
@@ -173,7 +234,11 @@ class JiTFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         if num_inference_steps < minimum:
             raise ValueError(f"num_inference_steps must be >= {minimum} for solver {self.config.solver!r}, got "
                              f"{num_inference_steps}.")
-        grid = self.make_time_grid(num_inference_steps, guidance_interval).to(device)
+        if self.config.solver == "searched":
+            self.check_searched_call(num_inference_steps, guidance_scale, guidance_interval, accept_other_guidance)
+            grid = torch.tensor(self.config.searched_times, dtype=torch.float32, device=device)
+        else:
+            grid = self.make_time_grid(num_inference_steps, guidance_interval).to(device)
         if self.config.solver == "heun":
             heun_times = torch.stack([grid[:-2], grid[1:-1]], dim=1).flatten()
             self.timesteps = torch.cat([heun_times, grid[-2:-1]])
@@ -195,7 +260,9 @@ class JiTFlowMatchScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("Call set_timesteps before step.")
         if self._step_index >= len(self.timesteps):
             raise ValueError(f"All {len(self.timesteps)} steps are done; call set_timesteps to sample again.")
-        if self.config.solver in self.MULTISTEP_ORDERS:
+        if self.config.solver == "searched":
+            prev_sample = self.searched_step(model_output, sample)
+        elif self.config.solver in self.MULTISTEP_ORDERS:
             prev_sample = self.multistep(model_output, sample)
         else:
             prev_sample = self.heun_or_euler(model_output, sample)
@@ -224,15 +291,34 @@ class JiTFlowMatchScheduler(SchedulerMixin, ConfigMixin):
 
     def multistep(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """z(rho_next) = exp(-h) z + sum_j w_j x_pred_j: exact linear part, x_pred interpolated in rho."""
-        index, t_eps = self._step_index, self.config.t_eps
-        if index in self._restarts:
+        if self._step_index in self._restarts:
             self._history = []
+        self._history = ([model_output] + self._history)[: self.MULTISTEP_ORDERS[self.config.solver]]
+        h, weights = self.multistep_weights(self._step_index)
+        prev_sample = math.exp(-h) * sample
+        for weight, x_pred in zip(weights, self._history):
+            prev_sample = prev_sample + weight * x_pred
+        return prev_sample
+
+    def multistep_weights(self, index: int) -> tuple[float, list[float]]:
+        """(h, w): the rho length of multistep step `index` and the weights w_j of the x-predictions it combines, at
+        evaluations index, index - 1, ... (newest first, since the last restart, at most the order)."""
+        t_eps = self.config.t_eps
+        restart = max([0] + [start for start in self._restarts if start <= index])
+        first = max(restart, index - self.MULTISTEP_ORDERS[self.config.solver] + 1)
+        rhos = [log_integrating_factor(self.time_grid[k].item(), t_eps) for k in range(index, first - 1, -1)]
+        h = log_integrating_factor(self.time_grid[index + 1].item(), t_eps) - rhos[0]
+        return h, exponential_adams_weights([rho - rhos[0] for rho in rhos], h)
+
+    def searched_step(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """z(rho_next) = exp(-h) z + (1 - exp(-h)) sum_j c_j x_pred_j, with the searched shares c of this step."""
+        index, t_eps = self._step_index, self.config.t_eps
         rho = log_integrating_factor(self.time_grid[index].item(), t_eps)
         rho_next = log_integrating_factor(self.time_grid[index + 1].item(), t_eps)
-        self._history = ([(rho, model_output)] + self._history)[: self.MULTISTEP_ORDERS[self.config.solver]]
+        self._history = [model_output] + self._history
         h = rho_next - rho
-        weights = exponential_adams_weights([node - rho for node, _ in self._history], h)
         prev_sample = math.exp(-h) * sample
-        for weight, (_, x_pred) in zip(weights, self._history):
-            prev_sample = prev_sample + weight * x_pred
+        for share, x_pred in zip(self.config.searched_coefficients[index], self._history):
+            if share != 0:
+                prev_sample = prev_sample + (share * -math.expm1(-h)) * x_pred
         return prev_sample

@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -54,3 +55,12 @@ def compile_on_the_machines_kernels():
         pytest.fail(f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']} is set, and torch.compile's CPU kernels "
                     "do not match ATen's forced ones; run this test without it (`bash .ci/run` unsets it).",
                     pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile_caches():
+    """Forgets every test's compiled graphs after it: dynamo's recompile limit (8 per code object) counts the graphs
+    of every model and batch shape compiled in this process, so without this, tests that compile fail by their order."""
+    yield
+    if "torch._dynamo" in sys.modules:
+        torch.compiler.reset()

@@ -1,5 +1,5 @@
-"""The command-line tools installed as console scripts: pixelrepa-convert, pixelrepa-generate, pixelrepa-evaluate and
-pixelrepa-push. The scripts in the repository's pipelines/ folder are thin entries to them."""
+"""The command-line tools installed as console scripts: pixelrepa-convert, pixelrepa-generate, pixelrepa-evaluate,
+pixelrepa-push and pixelrepa-search-solver. The scripts in the repository's pipelines/ folder are thin entries to them."""
 
 import argparse
 import sys

@@ -161,7 +161,8 @@ def benchmark(args) -> None:
     for folder in args.searched_solvers:
         searched = JiTFlowMatchScheduler.from_pretrained(folder, subfolder="scheduler")
         if searched.config.solver != "searched":
-            raise ValueError(f"--searched_solvers {folder} holds solver {searched.config.solver!r}, not a searched one.")
+            raise ValueError(f"--searched_solvers {folder} holds solver {searched.config.solver!r}, not a searched "
+                             "one.")
         measured.append(("searched", "own", len(searched.config.searched_times) - 1, searched))
     results = []
     for solver, time_grid, steps, solver_scheduler in measured:

@@ -11,6 +11,11 @@ Runs, each a benchmark CLI in its own process (the official code patches torch g
   sample_<backend>   the fast path (bf16 weights, regional compile) with each attention backend that runs here,
                      against the official regime
   deviation_<name>   bf16 weights, precision official and bf16_sdpa against fp32 samples from the same noise
+With --released_model (a converted release, e.g. PixelREPA-B-16) and --fid_statistics_file, two more:
+  search_released    pixelrepa-search-solver on it: 10 evaluations, 256 search samples, Heun-100 teacher, timed
+                     (skipped when <output_dir>/searched-10 exists, as on a rerun)
+  fid_searched       evaluate.py's FID and IS of that searched solver, --fid_num_images images; its shards resume,
+                     so a run stopped at the time limit goes on where it stopped when the check is run again
 A run that would pass the time limit is stopped and recorded as such. `--tiny` runs the same plan on the tiny test
 model without compiling (a dry run of this script on any machine).
 """
@@ -49,6 +54,10 @@ def parse_args(argv=None):
     parser.add_argument("--time_limit_s", type=float, default=570.0, help="no run goes past this, all runs together")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="the tiny test model and batch sizes (a dry run)")
+    parser.add_argument("--released_model", default=None,
+                        help="a converted release (pipeline folder) to search a 10-evaluation solver for and measure")
+    parser.add_argument("--fid_statistics_file", default=None, help="the reference statistics for fid_searched")
+    parser.add_argument("--fid_num_images", type=int, default=50_000, help="images of fid_searched")
     return parser.parse_args(argv)
 
 
@@ -104,6 +113,16 @@ def plan(args, backends) -> dict[str, list[str]]:
     for name, regime in (("bf16_weights", ["--dtype", "bf16"]), ("official", ["--precision", "official"]),
                          ("bf16_sdpa", ["--precision", "bf16_sdpa"])):
         runs[f"deviation_{name}"] = [*sampling, *deviation, *regime, "--baseline_dtype", "fp32"]
+    if args.released_model is not None:
+        searched = str(Path(args.output_dir) / "searched-10")
+        if not Path(searched).exists():
+            runs["search_released"] = ["-m", "pixelrepa_diffusers.commands.search_solver",
+                                       "--pretrained_model_name_or_path", args.released_model, "--output_dir", searched,
+                                       "--num_inference_steps", "10", "--num_samples", "256", "--teacher_steps", "100",
+                                       *device]
+        runs["fid_searched"] = ["-m", "pixelrepa_diffusers.commands.evaluate", "--pretrained_model_name_or_path",
+                                searched, "--fid_statistics_file", args.fid_statistics_file, "--num_images",
+                                str(args.fid_num_images), "--batch_size", "256", "--num_inference_steps", "10"]
     return runs
 
 
@@ -134,6 +153,15 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
     """(run, ours img/s, baseline img/s, MFU or deviation, peak memory ours / baseline) per run, as text."""
     rows = []
     for name, result in results.items():
+        if "rms_after" in result:
+            rows.append((name, "-", "-", f"RMS to Heun-100 {result['rms_before']:.4f} (multistep2) -> "
+                                         f"{result['rms_after']:.4f} in {result['seconds']:.0f} s", "-"))
+            continue
+        if "results" in result:
+            metrics = result["results"][0]
+            rows.append((name, "-", "-", f"FID {metrics['fid']:.2f}, IS {metrics['inception_score_mean']:.1f} "
+                                         f"({result['arguments']['num_images']} images)", "-"))
+            continue
         if "ours" not in result:
             rows.append((name, "-", "-", result.get("error") or result.get("skipped"), "-"))
             continue
@@ -165,6 +193,10 @@ def main(argv=None) -> int:
         return 1
     if args.reference_repo is not None and not Path(args.reference_repo).exists():
         print(f"error: --reference_repo {args.reference_repo} does not exist", file=sys.stderr)
+        return 1
+    if (args.released_model is None) != (args.fid_statistics_file is None):
+        print("error: --released_model and --fid_statistics_file go together (the FID of the searched solver needs "
+              "both)", file=sys.stderr)
         return 1
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -45,8 +45,8 @@ class SearchedSolver(torch.nn.Module):
         """The searched numbers as JiTFlowMatchScheduler keeps them: times in float32, row i of length i + 1."""
         times = [float(time) for time in self.times().detach().float()]
         coefficients = self.coefficients().detach()
-        return dict(searched_times=times,
-                    searched_coefficients=[coefficients[index, : index + 1].tolist() for index in range(len(times) - 1)])
+        rows = [coefficients[index, : index + 1].tolist() for index in range(len(times) - 1)]
+        return dict(searched_times=times, searched_coefficients=rows)
 
 
 def sample_with_searched_solver(predict, noise: torch.Tensor, indices: torch.Tensor, times: torch.Tensor,

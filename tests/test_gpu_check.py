@@ -88,3 +88,35 @@ def test_tiny_dry_run_writes_the_json_and_table(tmp_path):
     assert {name for name, result in summary["runs"].items() if "ours" not in result} == set()
     assert summary["runs"]["train_b16"]["ours"]["images_per_second"] > 0
     assert (tmp_path / "gpu_check.md").read_text().count("| sample_native |") == 1
+
+
+def test_a_released_model_adds_the_search_and_the_fid_of_the_searched_solver(tmp_path):
+    args = gpu_check.parse_args(["--device", "cuda", "--output_dir", str(tmp_path), "--released_model",
+                                 "PixelREPA-B-16", "--fid_statistics_file", "jit_in256_stats.npz"])
+    runs = gpu_check.plan(args, {})
+    searched = str(tmp_path / "searched-10")
+    assert runs["search_released"] == [
+        "-m", "pixelrepa_diffusers.commands.search_solver", "--pretrained_model_name_or_path", "PixelREPA-B-16",
+        "--output_dir", searched, "--num_inference_steps", "10", "--num_samples", "256", "--teacher_steps", "100",
+        "--device", "cuda"]
+    assert runs["fid_searched"] == [
+        "-m", "pixelrepa_diffusers.commands.evaluate", "--pretrained_model_name_or_path", searched,
+        "--fid_statistics_file", "jit_in256_stats.npz", "--num_images", "50000", "--batch_size", "256",
+        "--num_inference_steps", "10"]
+    (tmp_path / "searched-10").mkdir()  # a rerun: the search is done, the FID resumes
+    assert "search_released" not in gpu_check.plan(args, {}) and "fid_searched" in gpu_check.plan(args, {})
+    rows = gpu_check.summary_rows({
+        "search_released": dict(rms_before=0.0123, rms_after=0.0045, seconds=312.4),
+        "fid_searched": dict(arguments=dict(num_images=50000), results=[dict(fid=3.214, inception_score_mean=250.3)]),
+    })
+    assert rows == [("search_released", "-", "-", "RMS to Heun-100 0.0123 (multistep2) -> 0.0045 in 312 s", "-"),
+                    ("fid_searched", "-", "-", "FID 3.21, IS 250.3 (50000 images)", "-")]
+
+
+def test_a_released_model_without_statistics_is_one_line(tmp_path):
+    completed = subprocess.run([sys.executable, "-m", "pipelines.gpu_check", "--released_model", "PixelREPA-B-16",
+                                "--output_dir", str(tmp_path)], capture_output=True, text=True,
+                               cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert completed.returncode == 1
+    assert completed.stderr.startswith("error: --released_model and --fid_statistics_file go together")
+    assert completed.stderr.count("\n") == 1

@@ -108,9 +108,11 @@ def test_the_cli_writes_a_pipeline_that_samples_with_the_searched_solver(tmp_pat
     assert search_main([
         "--pretrained_model_name_or_path", str(tmp_path / "model"), "--output_dir", str(output_dir),
         "--num_inference_steps", "3", "--num_samples", "8", "--teacher_steps", "10", "--search_steps", "4",
-        "--batch_size", "4", "--class_labels", "2", "5",
+        "--batch_size", "4", "--class_labels", "2", "5", "--output_json", str(tmp_path / "search.json"),
     ]) == 0
     assert "Wrote" in capsys.readouterr().out
+    figures = json.loads((tmp_path / "search.json").read_text())
+    assert figures["rms_after"] > 0 and figures["rms_before"] > 0 and figures["seconds"] > 0
     config = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
     assert config["solver"] == "searched" and len(config["searched_times"]) == 4
     assert config["searched_guidance_scale"] == 2.0 and config["searched_guidance_interval"] == [0.1, 1.0]
@@ -168,7 +170,8 @@ def test_a_searched_solver_takes_only_its_step_count_and_guidance_unless_told():
     pipe = tiny_pipeline(JiTFlowMatchScheduler(**SEARCHED))
     with pytest.raises(ValueError, match="num_inference_steps must be 2 for this \"searched\" solver"):
         sample(pipe, 3)
-    with pytest.raises(ValueError, match="must be 2.0 and \\(0.1, 1.0\\).*got 3.0 and \\(0.1, 1.0\\).*accept_other_guidance"):
+    with pytest.raises(ValueError, match="must be 2.0 and \\(0.1, 1.0\\).*got 3.0 and \\(0.1, 1.0\\).*"
+                                         "accept_other_guidance"):
         sample(pipe, 2, guidance_scale=3.0)
     with pytest.raises(ValueError, match="got 2.0 and \\(0.2, 1.0\\)"):
         sample(pipe, 2, guidance_interval=(0.2, 1.0))

@@ -4,10 +4,12 @@
 """
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -39,6 +41,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=1,
                         help="Seed of the draws and their classes (benchmark_solvers.py measures on seed 0: held out).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output_json", default=None,
+                        help="Also write the search's figures here: distances before and after, seconds, settings.")
     return parser.parse_args(argv)
 
 
@@ -62,9 +66,11 @@ def search(args) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     class_labels = choices[torch.randint(len(choices), (args.num_samples,), generator=generator)]
     pipe.set_progress_bar_config(disable=True)
+    start = time.perf_counter()
     scheduler, before, after = search_solver(
         pipe, args.num_inference_steps, guidance_scale, guidance_interval, class_labels, generator,
         args.teacher_steps, args.search_steps, args.batch_size, args.learning_rate)
+    seconds = time.perf_counter() - start
     pipe.scheduler = scheduler
     parent = os.path.dirname(os.path.abspath(args.output_dir))
     os.makedirs(parent, exist_ok=True)
@@ -74,6 +80,14 @@ def search(args) -> None:
         os.rename(staging, args.output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if args.output_json is not None:
+        figures = dict(rms_before=before, rms_after=after, seconds=seconds, device=str(pipe.device),
+                       guidance_scale=guidance_scale, guidance_interval=list(guidance_interval), **{
+                           name: getattr(args, name) for name in ("pretrained_model_name_or_path", "output_dir",
+                           "num_inference_steps", "num_samples", "teacher_steps", "search_steps", "batch_size",
+                           "learning_rate", "seed")})
+        with open(args.output_json, "w") as file:
+            json.dump(figures, file, indent=2)
     print(f"RMS distance to Heun-{args.teacher_steps} on the {args.num_samples} search draws: {before:.5f} "
           f"(multistep2, guidance grid) -> {after:.5f} (searched), {args.num_inference_steps} evaluations. "
           f"Wrote {args.output_dir}")

@@ -131,6 +131,7 @@ def test_sampling_cli_official_regime_is_the_bf16_baseline_and_close_to_fp32(tmp
     assert 0 < against_fp32["relative_image_difference"] < 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("compile_on_the_machines_kernels")
 def test_sampling_cli_with_an_attention_backend_and_regional_compile_matches_the_baseline(tmp_path):
     with attention_backend("native"):  # the CLI sets diffusers' process-wide backend; give it back
@@ -158,6 +159,7 @@ def test_training_cli_against_the_plain_baseline(tmp_path):
     assert results["speedup"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("compile_on_the_machines_kernels")
 def test_training_cli_times_the_scripts_compiled_step_against_its_eager_step(tmp_path):
     # The shapes of test_training's compiled run, which then reuses these compiled blocks in the same pytest process.

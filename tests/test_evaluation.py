@@ -214,6 +214,7 @@ def test_rerun_reuses_finished_shards(two_process_run, assets, tmp_path):
         assert new["inception_score_mean"] == pytest.approx(old["inception_score_mean"], rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("compile_on_the_machines_kernels")
 def test_compiled_transformer_gives_the_same_metrics(assets, tmp_path):
     # In fp32 (--precision model): under bf16 autocast compiled kernels round apart from eager ones by design.

@@ -36,6 +36,7 @@ def test_generate_bad_label_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("compile_on_the_machines_kernels")
 def test_generate_compiled_writes_the_eager_images(tmp_path):
     pipe = PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler(), guidance_scale=2.0)

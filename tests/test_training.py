@@ -506,6 +506,7 @@ def test_two_nodes_sharing_the_output_dir_train_and_resume_exactly(assets, tmp_p
     assert not list(straight.glob(".shared-folder-check-*"))
 
 
+@pytest.mark.slow
 def test_fsdp2_shards_trains_like_ddp_and_resumes_exactly(assets, tmp_path):
     common = ("--mixed_precision", "bf16", "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
               "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--validation_steps", "2",

@@ -6,7 +6,7 @@ benchmark_solvers.py measures them: the RMS difference (on the [0, 1] image scal
 official Heun, uniform grid, --reference_steps steps) on noise of --seed, which the searches (seed 1) never saw. The
 searched folders go to OUTPUT_DIR/steps-N, for `benchmark_solvers.py --searched_solvers` to put on the frontier.
 
-    python pipelines/benchmark_solver_search.py --pretrained_model_name_or_path quickstart_output/model \
+    python -m pipelines.benchmark_solver_search --pretrained_model_name_or_path quickstart_output/model \
         --classes 0 1 2 3 4 5 6 7 8 9 --images_per_class 2 --output_dir search_digits
 """
 
@@ -15,14 +15,13 @@ import json
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
 from pipelines.benchmark_solvers import rms_error, sample
 from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
 from pixelrepa_diffusers.commands import OneLineArgumentParser, run_command
-from pixelrepa_diffusers.commands.search_solver import search
+from pixelrepa_diffusers.commands.search_solver import parse_args as parse_search_args, search
 
 
 def parse_args(argv=None):
@@ -69,12 +68,13 @@ def benchmark(args) -> None:
         return rms_error(images, references[guidance_scale])
 
     def timed_search(steps, num_samples, folder):
+        search_args = parse_search_args([
+            "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "--output_dir", folder,
+            "--num_inference_steps", str(steps), "--num_samples", str(num_samples), "--teacher_steps",
+            str(args.teacher_steps), "--search_steps", str(args.search_steps), "--batch_size", str(args.batch_size),
+            "--seed", "1", "--device", "cpu"])
         start = time.perf_counter()
-        search(SimpleNamespace(
-            pretrained_model_name_or_path=args.pretrained_model_name_or_path, output_dir=folder,
-            num_inference_steps=steps, guidance_scale=None, guidance_interval=None, num_samples=num_samples,
-            class_labels=None, teacher_steps=args.teacher_steps, search_steps=args.search_steps,
-            batch_size=args.batch_size, learning_rate=0.01, seed=1, device="cpu"))
+        search(search_args)
         seconds = time.perf_counter() - start
         searched = JiTFlowMatchScheduler.from_pretrained(folder, subfolder="scheduler")
         return searched, seconds

@@ -200,3 +200,24 @@ def test_benchmark_solvers_measures_a_searched_solver_beside_the_others(tmp_path
     capsys.readouterr()
     assert benchmark_solvers.main([*arguments, "--searched_solvers", str(tmp_path / "model")]) == 1
     assert "holds solver 'heun', not a searched one" in capsys.readouterr().err
+
+
+def test_the_search_benchmark_times_each_search_and_measures_held_out_errors(tmp_path, capsys):
+    from pipelines import benchmark_solver_search
+
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    assert benchmark_solver_search.main([
+        "--pretrained_model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out"),
+        "--classes", "1", "2", "--images_per_class", "1", "--steps", "2", "--num_samples", "4", "--sample_counts", "4",
+        "8", "--sweep_steps", "2", "--other_scales", "3.0", "--teacher_steps", "4", "--search_steps", "2",
+        "--batch_size", "4", "--reference_steps", "6"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    [budget] = results["budgets"]
+    assert budget["steps"] == 2 and budget["search_seconds"] > 0 and budget["error"] > 0
+    # The sweep reuses the budget search with the same sample count and runs the other one.
+    assert [entry["num_samples"] for entry in results["sample_counts"]] == [4, 8]
+    assert results["sample_counts"][0]["error"] == budget["error"]
+    assert (tmp_path / "out" / "steps-2-samples-8" / "scheduler" / "scheduler_config.json").exists()
+    scales = {entry["guidance_scale"]: entry for entry in results["guidance_scales"]}
+    assert set(scales) == {2.0, 3.0} and scales[2.0]["searched_error"] == budget["error"]
+    assert scales[3.0]["searched_error"] != scales[2.0]["searched_error"]

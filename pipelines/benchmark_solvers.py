@@ -25,6 +25,8 @@ from pixelrepa_diffusers.evaluation import image_folder_dataset
 from pixelrepa_diffusers.commands import OneLineArgumentParser, run_command
 
 PAPER_SETTING = ("heun", "uniform", 50)
+# JiTFlowMatchScheduler's solvers that run on a time grid; a searched solver brings its own (--searched_solvers).
+GRID_SOLVERS = tuple(solver for solver in JiTFlowMatchScheduler.SOLVERS if solver != "searched")
 # diffusers' schedulers in the pipeline, on their own sigma grids (time grid "own"), made from the JiT config.
 DIFFUSERS_SOLVERS = {
     "flow_euler": (FlowMatchEulerDiscreteScheduler, {}),
@@ -40,8 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="A pipeline folder or Hub id.")
     parser.add_argument("--classes", type=int, nargs="+", required=True, help="Class ids to sample.")
     parser.add_argument("--images_per_class", type=int, default=4, help="Samples of each class.")
-    parser.add_argument("--solvers", nargs="+", default=list(JiTFlowMatchScheduler.SOLVERS),
-                        choices=[*JiTFlowMatchScheduler.SOLVERS, *DIFFUSERS_SOLVERS],
+    parser.add_argument("--solvers", nargs="+", default=list(GRID_SOLVERS), choices=[*GRID_SOLVERS, *DIFFUSERS_SOLVERS],
                         help="Solvers to measure: JiTFlowMatchScheduler's, or diffusers' schedulers (on their own "
                              "sigma grid, so --time_grids does not apply to them).")
     parser.add_argument("--time_grids", nargs="+", default=list(JiTFlowMatchScheduler.TIME_GRIDS),

@@ -86,6 +86,7 @@ class PixelREPAPipeline(DiffusionPipeline):
         # The state of a call, which callbacks read and may change (see the properties below).
         self._guidance_scale = guidance_scale
         self._num_timesteps = 0
+        self._current_timestep = None
         self._interrupt = False
 
     @classmethod
@@ -234,6 +235,12 @@ class PixelREPAPipeline(DiffusionPipeline):
         return self._num_timesteps
 
     @property
+    def current_timestep(self) -> torch.Tensor | None:
+        """The JiT time of the running model evaluation (None outside a call): what the timestep callbacks of
+        diffusers' PyramidAttentionBroadcast and FasterCache read, as 1000 * (1 - t) in their direction."""
+        return self._current_timestep
+
+    @property
     def interrupt(self) -> bool:
         """Set `_interrupt = True` from a callback to stop sampling; the call returns the sample reached."""
         return self._interrupt
@@ -305,6 +312,7 @@ class PixelREPAPipeline(DiffusionPipeline):
                 if self.interrupt:
                     break
                 guidance = self.guidance_scale if self.do_classifier_free_guidance and in_interval[i] else None
+                self._current_timestep = t
                 x_pred = self.predict_clean_image(latents, t, class_labels, guidance, precision)
                 if jit_scheduler:
                     latents = self.scheduler.step(x_pred, t, latents).prev_sample
@@ -322,6 +330,7 @@ class PixelREPAPipeline(DiffusionPipeline):
                         raise ValueError(f"callback_on_step_end returned latents of shape {found}; expected a "
                                          f"tensor of shape {shape}.")
                 progress_bar.update()
+        self._current_timestep = None
 
         if output_type == "latent":
             images = latents
@@ -341,7 +350,9 @@ class PixelREPAPipeline(DiffusionPipeline):
             labels_input = torch.cat([class_labels, torch.full_like(class_labels, self.transformer.config.num_classes)])
         else:
             model_input, labels_input = latents, class_labels
-        with precision_context(self.transformer, precision, latents.device):
+        # A guided call has twice the batch, so diffusers' caches (transformer.enable_cache) keep its states apart.
+        with self.transformer.cache_context("cond_uncond" if guidance is not None else "cond"), \
+                precision_context(self.transformer, precision, latents.device):
             x_pred = self.transformer(
                 model_input.to(self.transformer.dtype), t.expand(model_input.shape[0]), labels_input
             ).sample.float()

@@ -7,8 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
@@ -249,11 +251,18 @@ class JiTBlock(nn.Module):
         self.ff = SwiGLU(hidden_size, ff_inner_dim, dropout)
         self.adaln_modulation = nn.Linear(hidden_size, 6 * hidden_size)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaln_modulation(F.silu(c)).chunk(6, -1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin)
-        x = x + gate_mlp.unsqueeze(1) * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        attention = self.attn(modulate(self.norm1(hidden_states), shift_msa, scale_msa), cos, sin)
+        hidden_states = hidden_states + gate_msa.unsqueeze(1) * attention
+        feed_forward = self.ff(modulate(self.norm2(hidden_states), shift_mlp, scale_mlp))
+        return hidden_states + gate_mlp.unsqueeze(1) * feed_forward
+
+
+# diffusers' block caches (MagCache, SeaCache, FirstBlockCache) find a block's hidden states and output by this entry.
+TransformerBlockRegistry.register(JiTBlock, TransformerBlockMetadata(return_hidden_states_index=0))
 
 
 class JiTFinalLayer(nn.Module):
@@ -285,7 +294,7 @@ def init_jit_weights(module: nn.Module) -> None:
         nn.init.zeros_(block.adaln_modulation.bias)
 
 
-class JiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin):
+class JiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin, CacheMixin):
     """
     JiT denoiser: predicts the clean image from a noisy one.
 
@@ -293,6 +302,9 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin):
     `hidden_states = t * image + (1 - t) * noise`. `class_labels == num_classes` is the null class used for
     classifier-free guidance. After block `in_context_start`, `in_context_len` class tokens join the sequence.
     The SwiGLU inner width is `ff_inner_dim`, or when None the official `swiglu_inner_dim(hidden_size, mlp_ratio)`.
+    `enable_cache` takes diffusers' MagCache, TaylorSeer, PyramidAttentionBroadcast and FasterCache (with
+    `is_guidance_distilled=True`) configs; FirstBlockCache and SeaCache need as many tokens out of the last block as
+    into the first, which the in-context tokens break unless `in_context_start` is 0.
     """
 
     _supports_gradient_checkpointing = True

@@ -154,7 +154,7 @@ def test_multistep_spends_one_evaluation_a_step_and_names_its_minimum():
 
 
 def test_solvers_and_grids_are_public_and_saved(tmp_path):
-    assert JiTFlowMatchScheduler.SOLVERS == ("heun", "euler", "multistep2", "multistep3")
+    assert JiTFlowMatchScheduler.SOLVERS == ("heun", "euler", "multistep2", "multistep3", "searched")
     assert JiTFlowMatchScheduler.TIME_GRIDS == ("uniform", "guidance", "shifted")
     JiTFlowMatchScheduler(solver="multistep2", time_grid="shifted", shift=2.0).save_pretrained(tmp_path)
     loaded = JiTFlowMatchScheduler.from_pretrained(tmp_path)

@@ -7,6 +7,7 @@ image quality; they bound the tests, and a cache that reused nothing would fail 
 """
 
 import ast
+import json
 
 import pytest
 import torch
@@ -262,3 +263,20 @@ def test_sea_cache_never_skips_with_the_in_context_tokens():
     transformer = constant_token_count_transformer()
     transformer.enable_cache(config)
     assert denoise_directly(transformer) < 12 * TINY_CONFIG["num_layers"]
+
+
+def test_the_cache_benchmark_puts_each_cache_beside_each_sampler(tmp_path, pipe):
+    from pipelines import benchmark_caches
+
+    pipe.save_pretrained(tmp_path / "model")
+    assert benchmark_caches.main([
+        "--pretrained_model_name_or_path", str(tmp_path / "model"), "--classes", "1", "2", "--images_per_class", "1",
+        "--heun_steps", "8", "--multistep2_steps", "8", "--reference_steps", "8", "--repeats", "1",
+        "--output_json", str(tmp_path / "caches.json"), "--output_plot", str(tmp_path / "caches.png")]) == 0
+    results = json.loads((tmp_path / "caches.json").read_text())["results"]
+    found = {(r["solver"], r["cache"]): r for r in results}
+    assert set(found) == {(solver, cache) for solver in ("heun", "multistep2") for cache in benchmark_caches.CACHES}
+    assert found[("heun", "none")]["error"] == 0  # the reference's own sampler and noise
+    assert all(found[("heun", cache)]["error"] > 0 for cache in ("magcache", "taylorseer"))
+    assert found[("heun", "none")]["evaluations"] == 15 and found[("multistep2", "none")]["evaluations"] == 8
+    assert (tmp_path / "caches.png").stat().st_size > 10_000

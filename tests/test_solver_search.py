@@ -130,6 +130,21 @@ def test_the_cli_writes_a_pipeline_that_samples_with_the_searched_solver(tmp_pat
     assert capsys.readouterr().err.strip().endswith("exists; name a new folder.")
 
 
+def test_gradient_checkpointing_searches_the_same_solver(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    configs = []
+    for name, extra in (("plain", []), ("checkpointed", ["--gradient_checkpointing"])):
+        assert search_main(["--pretrained_model_name_or_path", str(tmp_path / "model"), "--output_dir",
+                            str(tmp_path / name), "--num_inference_steps", "3", "--num_samples", "4",
+                            "--teacher_steps", "4", "--search_steps", "3", "--batch_size", "4", *extra]) == 0
+        configs.append(json.loads((tmp_path / name / "scheduler" / "scheduler_config.json").read_text()))
+    start = multistep2_solver(3, (0.1, 1.0), 0.05).scheduler_config()["searched_times"]
+    assert max(abs(a - b) for a, b in zip(configs[0]["searched_times"], start)) > 1e-4  # the search moved them
+    assert configs[1]["searched_times"] == pytest.approx(configs[0]["searched_times"], abs=1e-6)
+    for first, second in zip(configs[0]["searched_coefficients"], configs[1]["searched_coefficients"]):
+        assert second == pytest.approx(first, abs=1e-6)
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--num_inference_steps", "1"], "num_inference_steps must be >= 2"),
     (["--class_labels", "zebra"], "zebra"),

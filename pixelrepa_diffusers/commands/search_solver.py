@@ -40,6 +40,9 @@ def parse_args(argv=None):
     parser.add_argument("--learning_rate", type=float, default=0.01, help="Adam's, decayed to 0 on a cosine.")
     parser.add_argument("--seed", type=int, default=1,
                         help="Seed of the draws and their classes (benchmark_solvers.py measures on seed 0: held out).")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="Recompute each block in the backward pass: the memory of the search's backward through "
+                             "all evaluations drops to the blocks' inputs, for about a third more time.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output_json", default=None,
                         help="Also write the search's figures here: distances before and after, seconds, settings.")
@@ -66,6 +69,8 @@ def search(args) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     class_labels = choices[torch.randint(len(choices), (args.num_samples,), generator=generator)]
     pipe.set_progress_bar_config(disable=True)
+    if args.gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
     start = time.perf_counter()
     scheduler, before, after = search_solver(
         pipe, args.num_inference_steps, guidance_scale, guidance_interval, class_labels, generator,

@@ -12,7 +12,8 @@ Runs, each a benchmark CLI in its own process (the official code patches torch g
                      against the official regime
   deviation_<name>   bf16 weights, precision official and bf16_sdpa against fp32 samples from the same noise
 With --released_model (a converted release, e.g. PixelREPA-B-16) and --fid_statistics_file, two more:
-  search_released    pixelrepa-search-solver on it: 10 evaluations, 256 search samples, Heun-100 teacher, timed
+  search_released    pixelrepa-search-solver on it: 10 evaluations, 256 search samples, Heun-100 teacher, gradient
+                     checkpointing, timed
                      (skipped when <output_dir>/searched-10 exists, as on a rerun)
   fid_searched       evaluate.py's FID and IS of that searched solver, --fid_num_images images; its shards resume,
                      so a run stopped at the time limit goes on where it stopped when the check is run again
@@ -119,7 +120,7 @@ def plan(args, backends) -> dict[str, list[str]]:
             runs["search_released"] = ["-m", "pixelrepa_diffusers.commands.search_solver",
                                        "--pretrained_model_name_or_path", args.released_model, "--output_dir", searched,
                                        "--num_inference_steps", "10", "--num_samples", "256", "--teacher_steps", "100",
-                                       *device]
+                                       "--gradient_checkpointing", *device]
         runs["fid_searched"] = ["-m", "pixelrepa_diffusers.commands.evaluate", "--pretrained_model_name_or_path",
                                 searched, "--fid_statistics_file", args.fid_statistics_file, "--num_images",
                                 str(args.fid_num_images), "--batch_size", "256", "--num_inference_steps", "10"]

@@ -98,7 +98,7 @@ def test_a_released_model_adds_the_search_and_the_fid_of_the_searched_solver(tmp
     assert runs["search_released"] == [
         "-m", "pixelrepa_diffusers.commands.search_solver", "--pretrained_model_name_or_path", "PixelREPA-B-16",
         "--output_dir", searched, "--num_inference_steps", "10", "--num_samples", "256", "--teacher_steps", "100",
-        "--device", "cuda"]
+        "--gradient_checkpointing", "--device", "cuda"]
     assert runs["fid_searched"] == [
         "-m", "pixelrepa_diffusers.commands.evaluate", "--pretrained_model_name_or_path", searched,
         "--fid_statistics_file", "jit_in256_stats.npz", "--num_images", "50000", "--batch_size", "256",

@@ -21,7 +21,7 @@ import time
 import torch
 from diffusers.hooks import FasterCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
 
-from pipelines.benchmark_solvers import rms_error
+from pipelines.benchmark_solvers import rms_error, save_log_log_plot, shared_noise
 from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
 from pixelrepa_diffusers.commands import OneLineArgumentParser, run_command
 from pixelrepa_diffusers.scheduling_jit_flow_match import in_guidance_interval
@@ -80,13 +80,9 @@ def cache_config(name: str, pipeline: PixelREPAPipeline, guided_times: list[floa
 
 
 def benchmark(args) -> None:
-    pipeline = PixelREPAPipeline.from_pretrained(args.pretrained_model_name_or_path)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline, labels, noise = shared_noise(args.pretrained_model_name_or_path, args.classes, args.images_per_class,
+                                           args.seed)
     scale, interval = pipeline.config.guidance_scale, tuple(pipeline.config.guidance_interval)
-    labels = [label for label in args.classes for _ in range(args.images_per_class)]
-    config = pipeline.transformer.config
-    noise = torch.randn(len(labels), config.in_channels, config.sample_size, config.sample_size,
-                        generator=torch.Generator().manual_seed(args.seed))
     flow = pipeline.scheduler.config
 
     def run(scheduler, steps):
@@ -153,15 +149,7 @@ def plot(results: list[dict], path: str, title: str) -> None:
             if points:
                 axes.plot(*zip(*points), marker=marker, markersize=7, color=plt.cm.tab10(index),
                           label=f"{solver}, {cache}")
-    axes.set_xscale("log")
-    axes.set_yscale("log")
-    axes.set_xlabel("seconds per call (this CPU)")
-    axes.set_ylabel("RMS error to the converged reference")
-    axes.set_title(title)
-    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_log_log_plot(figure, axes, "seconds per call (this CPU)", title, path)
 
 
 def main(argv=None) -> int:

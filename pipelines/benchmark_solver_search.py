@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from pipelines.benchmark_solvers import rms_error, sample
-from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
+from pipelines.benchmark_solvers import rms_error, sample, shared_noise
+from pixelrepa_diffusers import JiTFlowMatchScheduler
 from pixelrepa_diffusers.commands import OneLineArgumentParser, run_command
 from pixelrepa_diffusers.commands.search_solver import parse_args as parse_search_args, search
 
@@ -48,13 +48,9 @@ def parse_args(argv=None):
 
 def benchmark(args) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
-    pipeline = PixelREPAPipeline.from_pretrained(args.pretrained_model_name_or_path)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline, labels, noise = shared_noise(args.pretrained_model_name_or_path, args.classes, args.images_per_class,
+                                           args.seed)
     scale, interval = pipeline.config.guidance_scale, tuple(pipeline.config.guidance_interval)
-    labels = [label for label in args.classes for _ in range(args.images_per_class)]
-    config = pipeline.transformer.config
-    noise = torch.randn(len(labels), config.in_channels, config.sample_size, config.sample_size,
-                        generator=torch.Generator().manual_seed(args.seed))
     heun = JiTFlowMatchScheduler.from_config(pipeline.scheduler.config, solver="heun", time_grid="uniform")
     references = {}
 

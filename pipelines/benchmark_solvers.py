@@ -94,6 +94,32 @@ def sample(pipeline, labels, noise, scheduler, steps, guidance_scale, guidance_i
     return images, len(pipeline.scheduler.timesteps), seconds
 
 
+def shared_noise(pretrained_model_name_or_path: str, classes: list[int], images_per_class: int, seed: int):
+    """The pipeline (its bar off), and the labels and noise every setting of an error benchmark samples."""
+    pipeline = PixelREPAPipeline.from_pretrained(pretrained_model_name_or_path)
+    pipeline.set_progress_bar_config(disable=True)
+    labels = [label for label in classes for _ in range(images_per_class)]
+    config = pipeline.transformer.config
+    noise = torch.randn(len(labels), config.in_channels, config.sample_size, config.sample_size,
+                        generator=torch.Generator().manual_seed(seed))
+    return pipeline, labels, noise
+
+
+def save_log_log_plot(figure, axes, xlabel: str, title: str, path: str) -> None:
+    """Log-log axes against the RMS error to the converged reference, the legend beside them, saved to `path`."""
+    import matplotlib.pyplot as plt
+
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("RMS error to the converged reference")
+    axes.set_title(title)
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def rms_error(images: np.ndarray, reference: np.ndarray) -> float:
     return float(np.sqrt(np.mean((images.astype(np.float64) - reference) ** 2)))
 
@@ -121,28 +147,16 @@ def plot(results: list[dict], heun_50: dict, path: str, title: str) -> None:
                   linestyle=styles[time_grid], linewidth=2.5 if solver == "searched" else 1.2,
                   label=f"{solver} / {time_grid}")
     axes.axhline(heun_50["error"], color="gray", linestyle="--", label="Heun-50 (99 evaluations), the paper's")
-    axes.set_xscale("log")
-    axes.set_yscale("log")
-    axes.set_xlabel("model evaluations per image")
-    axes.set_ylabel("RMS error to the converged reference")
-    axes.set_title(title)
-    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_log_log_plot(figure, axes, "model evaluations per image", title, path)
 
 
 def benchmark(args) -> None:
-    pipeline = PixelREPAPipeline.from_pretrained(args.pretrained_model_name_or_path)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline, labels, noise = shared_noise(args.pretrained_model_name_or_path, args.classes, args.images_per_class,
+                                           args.seed)
     config = pipeline.scheduler.config
     guidance_scale = pipeline.config.guidance_scale if args.guidance_scale is None else args.guidance_scale
     guidance_interval = tuple(pipeline.config.guidance_interval if args.guidance_interval is None
                               else args.guidance_interval)
-    labels = [label for label in args.classes for _ in range(args.images_per_class)]
-    transformer = pipeline.transformer.config
-    noise = torch.randn(len(labels), transformer.in_channels, transformer.sample_size, transformer.sample_size,
-                        generator=torch.Generator().manual_seed(args.seed))
     predict = None if args.classifier_data_dir is None else fit_classifier(args.classifier_data_dir)
 
     def scheduler(solver, time_grid):

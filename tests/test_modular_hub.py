@@ -88,6 +88,11 @@ save_file(results, results_path, metadata={"unknown_class_error": unknown_class_
 """
 
 
+SEARCHED = dict(solver="searched", searched_times=[0.0, 0.3, 0.7, 1.0],
+                searched_coefficients=[[1.0], [1.4, -0.4], [1.5, -0.6, 0.1]], searched_guidance_scale=2.5,
+                searched_guidance_interval=[0.2, 0.8])
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> tuple[PixelREPAPipeline, Path]:
     """
@@ -120,6 +125,8 @@ def python_without_package(tmp_path_factory) -> Path:
     (dict(solver="euler", t_eps=0.1), dict(num_inference_steps=3, guidance_scale=1.0)),
     (dict(solver="multistep2", time_grid="guidance"),
      dict(num_inference_steps=5, guidance_scale=2.5, guidance_interval=(0.2, 0.8))),
+    (SEARCHED, dict(num_inference_steps=3, guidance_scale=2.5, guidance_interval=(0.2, 0.8))),
+    (SEARCHED, dict(num_inference_steps=3, guidance_scale=3.0, accept_other_guidance=True)),
 ])
 def test_blocks_sample_as_the_pipeline_with_other_solvers_and_guidance(scheduler, settings):
     pipe = PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler(**scheduler), id2label=ID2LABEL,

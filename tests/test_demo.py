@@ -1,0 +1,94 @@
+"""pipelines/demo.py served on 127.0.0.1 and driven through gradio_client, the real client."""
+
+import socket
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
+from tests.conftest import random_tiny_transformer
+
+gr = pytest.importorskip("gradio", reason="the demo extra: pip install -e '.[demo]'")
+from gradio_client import Client  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from pipelines import demo  # noqa: E402
+
+NAMES = {index: name for index, name in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven",
+                                                    "eight", "nine"])}
+SETTINGS = dict(seed=7, solver=demo.FAST, steps=4, interval_min=0.1, interval_max=1.0, precision="model")
+
+
+def tiny_pipeline():
+    pipe = PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler(), id2label=NAMES, guidance_scale=2.0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def client():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = demo.build_app(tiny_pipeline()).queue()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    finally:
+        app.close()
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(PIL.Image.open(path).convert("RGB"))
+
+
+def expected_image(scheduler, steps, label, seed):
+    pipe = tiny_pipeline()
+    pipe.scheduler = scheduler
+    image = pipe([label], num_inference_steps=steps, generator=[torch.Generator().manual_seed(seed)]).images[0]
+    return np.asarray(image)
+
+
+def test_the_grid_holds_the_asked_images_with_their_cost(client):
+    gallery, info = client.predict(["1: one"], "two, 3", 2, SETTINGS["seed"], demo.FAST, 4, 2.0, 0.1, 1.0, "model",
+                                   api_name="/grid")
+    assert [entry["caption"] for entry in gallery] == ["1", "1", "two", "two", "3", "3"]
+    assert info.startswith("6 images in ") and "4 model evaluations each" in info
+    # The first image is the pipeline's own sample of class 1 from noise seeded 7.
+    first = expected_image(JiTFlowMatchScheduler(solver="multistep2", time_grid="guidance"), 4, 1, 7)
+    np.testing.assert_array_equal(pixels(gallery[0]["image"]), first)
+
+
+def test_side_by_side_runs_the_same_noise_through_both_samplers(client):
+    paper, fast, info = client.predict(["5: five"], "", 3, demo.FAST, 4, 2.0, 0.1, 1.0, "model",
+                                       api_name="/side_by_side")
+    np.testing.assert_array_equal(pixels(paper), expected_image(JiTFlowMatchScheduler(), 50, 5, 3))
+    np.testing.assert_array_equal(pixels(fast), expected_image(
+        JiTFlowMatchScheduler(solver="multistep2", time_grid="guidance"), 4, 5, 3))
+    assert "Paper: 99 evaluations" in info and "4 evaluations" in info
+
+
+def test_the_sweep_draws_one_image_per_scale(client):
+    row = client.predict(["2: two"], "", 0, demo.FAST, 4, "1.0, 2.5, 4", 0.1, 1.0, "model", api_name="/sweep")
+    assert [entry["caption"] for entry in row] == ["guidance 1", "guidance 2.5", "guidance 4"]
+    assert not np.array_equal(pixels(row[0]["image"]), pixels(row[2]["image"]))
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ((["1: one"], "zebra", 1, 0, demo.FAST, 4), "zebra"),
+    ((["1: one"], "", 1, 0, demo.FAST, 1), "num_inference_steps must be >= 2"),
+    (([], "", 1, 0, demo.FAST, 4), "Pick at least one class"),
+])
+def test_bad_input_shows_the_pipelines_message_and_the_app_keeps_serving(client, arguments, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(*arguments, 2.0, 0.1, 1.0, "model", api_name="/grid")
+    gallery, _ = client.predict(["1: one"], "", 1, 0, demo.FAST, 2, 2.0, 0.1, 1.0, "model", api_name="/grid")
+    assert len(gallery) == 1
+
+
+def test_an_unknown_model_is_one_line_at_start_up(tmp_path, capsys):
+    assert demo.main(["--pretrained_model_name_or_path", str(tmp_path / "missing")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("demo.py: error: ") and error.count("\n") == 1

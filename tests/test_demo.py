@@ -92,3 +92,33 @@ def test_an_unknown_model_is_one_line_at_start_up(tmp_path, capsys):
     assert demo.main(["--pretrained_model_name_or_path", str(tmp_path / "missing")]) == 1
     error = capsys.readouterr().err
     assert error.startswith("demo.py: error: ") and error.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_headless_chromium_renders_the_controls_and_an_image(client, tmp_path):
+    """Needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver) and selenium."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1100"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
+    try:
+        browser.get(client.src)
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda page: page.find_elements(By.XPATH, "//button[normalize-space()='Generate']"))
+        text = browser.find_element(By.TAG_NAME, "body").text
+        for control in ("Classes (type to search)", "Images per class", "Seed", "Solver", "Steps", "Guidance scale",
+                        "Precision", "Side by side", "Guidance sweep"):
+            assert control in text, control
+        browser.find_element(By.XPATH, "//button[normalize-space()='Generate']").click()
+        wait.until(lambda page: [image for image in page.find_elements(By.CSS_SELECTOR, "img")
+                                 if page.execute_script("return arguments[0].naturalWidth", image) == 32])
+        browser.save_screenshot(str(tmp_path / "demo.png"))
+    finally:
+        browser.quit()
+    screenshot = np.asarray(PIL.Image.open(tmp_path / "demo.png").convert("L"))
+    assert screenshot.shape[1] >= 1000 and screenshot.min() < 100 < screenshot.max()  # a rendered page, not blank

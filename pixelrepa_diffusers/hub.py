@@ -8,6 +8,8 @@ from pathlib import Path
 
 import diffusers
 import httpx2
+import torch
+from diffusers.utils import make_image_grid
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
 from . import modular_pixelrepa
@@ -17,6 +19,8 @@ from .transformer_jit import JIT_PRESETS
 
 # The repository's model_cards/ folder, installed as package data (see pyproject.toml).
 TEMPLATE_PATH = Path(str(importlib.resources.files("pixelrepa_diffusers.model_cards") / "template.md"))
+# The card's sample grid, in the pipeline folder and the repo.
+SAMPLE_GRID_FILE = "samples.png"
 METHODS = tuple(method.card_name for method in ALIGNMENTS.values())
 PAPERS = {
     "PixelREPA": ("the PixelREPA paper (arXiv 2603.14366)", "https://arxiv.org/abs/2603.14366"),
@@ -82,6 +86,7 @@ def render_model_card(
     metrics_source: str | None = None,
     metrics_source_url: str | None = None,
     license: str = "mit",
+    sample_grid: dict | None = None,
 ) -> ModelCard:
     """
     The model card (README.md) of a pipeline, filled from model_cards/template.md.
@@ -100,6 +105,7 @@ def render_model_card(
             (e.g. "as reported by the PixelREPA paper"), and optionally `metrics_source_url` and `fid_statistics`
             (the reference statistics file, e.g. "fid_stats/jit_in256_stats.npz").
         license: license id of the weights.
+        sample_grid: what `write_sample_grid` returned, to show its grid; None: the card shows no samples.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
@@ -163,7 +169,32 @@ def render_model_card(
         inception_score=inception_score,
         fid_statistics=fid_statistics,
         metrics_source_link=f"[{metrics_source}]({metrics_source_url})" if metrics_source_url else metrics_source,
+        samples_section="" if sample_grid is None else sample_grid_markdown(sample_grid),
     )
+
+
+def sample_grid_markdown(grid: dict) -> str:
+    """The card's Samples section, placed before its Sampling settings, for a grid written by write_sample_grid."""
+    classes = ", ".join(str(label) for label in grid["class_labels"])
+    seeds = ", ".join(str(seed) for seed in grid["seeds"])
+    return (f"## Samples\n\n![Samples of classes {classes}]({grid['file']})\n\n"
+            f"One row per class ({classes}), one column per seed ({seeds}): `pipe(class_labels, "
+            f"generator=[torch.Generator().manual_seed(seed), ...])` with the settings below "
+            f"({grid['solver_label']}).\n\n")
+
+
+def write_sample_grid(pipeline, folder: str | Path, class_labels: list[int | str], seeds: list[int]) -> dict:
+    """
+    Samples each class with each seed by the pipeline's own sampler and settings (its scheduler, 50 steps, its
+    guidance), writes them as one grid to folder/SAMPLE_GRID_FILE (a row per class, a column per seed) and returns
+    what the card says of it (`render_model_card(sample_grid=...)`).
+    """
+    labels = [label for label in class_labels for _ in seeds]
+    generators = [torch.Generator().manual_seed(seed) for _ in class_labels for seed in seeds]
+    images = pipeline(labels, generator=generators).images
+    make_image_grid(images, rows=len(class_labels), cols=len(seeds)).save(Path(folder) / SAMPLE_GRID_FILE)
+    return dict(file=SAMPLE_GRID_FILE, class_labels=list(class_labels), seeds=list(seeds),
+                solver_label=JiTFlowMatchScheduler.SOLVER_LABELS[pipeline.scheduler.config.solver])
 
 
 def training_recipe(
@@ -427,6 +458,10 @@ def upload_operations(folder: str | Path, repo_id: str, card: ModelCard | None =
         **modular_files(folder, hub_index, repo_id),
         "transformer/config.json": json_bytes({**transformer_config, "auto_map": hub_index["auto_map"]}),
     }
+    if SAMPLE_GRID_FILE in card.text:
+        if not (folder / SAMPLE_GRID_FILE).is_file():
+            raise ValueError(f"The card shows {SAMPLE_GRID_FILE}, which {folder} lacks; write it with --sample_grid.")
+        model_files[SAMPLE_GRID_FILE] = folder / SAMPLE_GRID_FILE
     return [
         *(CommitOperationAdd(path, content) for path, content in written.items()),
         *(CommitOperationAdd(path, str(local_path)) for path, local_path in model_files.items() if path not in written),

@@ -25,6 +25,8 @@ from pixelrepa_diffusers.hub import (
     remote_code_files,
     render_model_card,
     training_recipe,
+    upload_operations,
+    variant_card_settings,
     write_variant_cards,
 )
 from pixelrepa_diffusers.transformer_jit import JIT_PRESETS
@@ -301,3 +303,38 @@ def test_load_by_repo_id_online_then_offline_from_cache(pipeline_dir, tmp_path, 
         capture_output=True, text=True, timeout=300,
     )
     assert offline.returncode == 0, offline.stderr
+
+
+@pytest.mark.parametrize("card_variant", [[], ["--card_variant", "PixelREPA-B/16"]])
+def test_push_cli_renders_a_sample_grid_with_the_pipelines_sampler_into_the_card(pipeline_dir, tmp_path, monkeypatch,
+                                                                                  card_variant):
+    import shutil
+
+    import numpy as np
+    import PIL.Image
+
+    from pixelrepa_diffusers.commands.push_to_hub import main as push_main
+
+    folder = tmp_path / "pipeline"
+    shutil.copytree(pipeline_dir, folder)
+    with LocalHub() as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        assert push_main(["--pipeline_dir", str(folder), "--hub_model_id", REPO_ID, "--token", TOKEN,
+                          "--sample_grid", "3", "7", *card_variant]) == 0
+        files = hub.files(REPO_ID)
+    card = files["README.md"].decode()
+    assert "## Samples" in card and "![Samples of classes 3, 7](samples.png)" in card
+    assert card.index("## Samples") < card.index("## Sampling settings")
+    assert files["samples.png"] == (folder / "samples.png").read_bytes()
+    grid = np.asarray(PIL.Image.open(folder / "samples.png").convert("RGB"))
+    assert grid.shape == (64, 64, 3)  # a row per class, a column per seed (0, 1), 32 px each
+    pipeline = PixelREPAPipeline.from_pretrained(pipeline_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    second_class_first_seed = pipeline([7], generator=[torch.Generator().manual_seed(0)]).images[0]
+    np.testing.assert_array_equal(grid[32:, :32], np.asarray(second_class_first_seed))
+
+
+def test_a_card_without_a_grid_says_nothing_of_one_and_uploads_no_image(pipeline_dir, monkeypatch):
+    card = render_model_card(**variant_card_settings("PixelREPA-B/16", REPO_ID))
+    assert "## Samples" not in card.text and "samples.png" not in card.text
+    assert "samples.png" not in {operation.path_in_repo for operation in upload_operations(pipeline_dir, REPO_ID)}

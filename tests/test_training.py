@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
@@ -110,7 +111,7 @@ def pixelrepa_run(assets, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("run") / "out"
     code = train(assets, output_dir, "--max_train_steps", "7", "--checkpointing_steps", "2", "--logging_steps", "1",
                  "--validation_steps", "3", "--validation_num_inference_steps", "2", "--report_to", "tensorboard",
-                 "--checkpoints_total_limit", "2")
+                 "--checkpoints_total_limit", "2", "--sample_grid", "1", "2")
     assert code == 0
     return output_dir
 
@@ -127,6 +128,11 @@ def test_run_saves_loadable_pipeline_card_and_adapter(pixelrepa_run):
     card = (pixelrepa_run / "README.md").read_text()
     assert "PixelREPA" in card and "0.9 (these weights), 0.5" in card and "7 (global batch 8)" in card
     assert "data, ADM center crop to 32 px" in card
+    # --sample_grid 1 2: the final pipeline's own samples of classes 1 and 2, seeds 0 and 1, shown in the card.
+    assert "![Samples of classes 1, 2](samples.png)" in card
+    grid = np.asarray(PIL.Image.open(pixelrepa_run / "samples.png").convert("RGB"))
+    first = pipeline([1], generator=[torch.Generator().manual_seed(0)]).images[0]
+    assert grid.shape == (64, 64, 3) and np.array_equal(grid[:32, :32], np.asarray(first))
     assert ModelCard.load(pixelrepa_run / "README.md").data.datasets is None  # a local folder is no Hub dataset id
 
 

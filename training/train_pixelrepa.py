@@ -34,7 +34,9 @@ from pixelrepa_diffusers.commands import OneLineArgumentParser, run_command
 from pixelrepa_diffusers.data import collate_train_batch, load_train_dataset
 from pixelrepa_diffusers.distributed import check_shared_folder
 from pixelrepa_diffusers.encoders import load_alignment_encoder
-from pixelrepa_diffusers.hub import CARD_VARIANTS, push_pipeline_to_hub, render_model_card, training_recipe
+from pixelrepa_diffusers.hub import (
+    CARD_VARIANTS, push_pipeline_to_hub, render_model_card, training_recipe, write_sample_grid,
+)
 from pixelrepa_diffusers.losses import PixelREPATrainingObjective
 from pixelrepa_diffusers.training_utils import (
     OPTIMIZER_MOMENTS_NAME,
@@ -179,6 +181,10 @@ def build_parser():
     output.add_argument("--push_to_hub", action="store_true",
                         help="Upload the final pipeline and card (not the checkpoints) to --hub_model_id.")
     output.add_argument("--hub_model_id", default=None, help="Hub repository id for --push_to_hub.")
+    output.add_argument("--sample_grid", type=int, nargs="*", default=None, metavar="CLASS",
+                        help="At the end, sample these classes (bare: the first 4), 2 seeds each, with the final "
+                             "pipeline's own sampler into output_dir/samples.png and show the grid in the card: 16 "
+                             "images of 50 Heun steps, seconds on a GPU.")
     return parser
 
 
@@ -374,6 +380,10 @@ def save_final_outputs(args, plan, ema_transformer, aligner, alignment_depth, id
         guidance_interval=(0.1, 1.0),
     )
     pipeline.save_pretrained(args.output_dir, safe_serialization=True)
+    grid = None
+    if args.sample_grid is not None:
+        classes = args.sample_grid or list(range(min(4, ema_transformer.config.num_classes)))
+        grid = write_sample_grid(pipeline, args.output_dir, classes, seeds=[0, 1])
     if method.exports_aligner:
         aligner.save_pretrained(os.path.join(args.output_dir, method.folder), safe_serialization=True)
     training = training_recipe(
@@ -404,6 +414,7 @@ def save_final_outputs(args, plan, ema_transformer, aligner, alignment_depth, id
         guidance_scale=plan.guidance_scale,
         noise_scale=args.noise_scale,
         dataset=hub_dataset_id(args),
+        sample_grid=grid,
     )
     card.save(os.path.join(args.output_dir, "README.md"))
     if args.push_to_hub:

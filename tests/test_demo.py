@@ -122,3 +122,16 @@ def test_a_headless_chromium_renders_the_controls_and_an_image(client, tmp_path)
         browser.quit()
     screenshot = np.asarray(PIL.Image.open(tmp_path / "demo.png").convert("L"))
     assert screenshot.shape[1] >= 1000 and screenshot.min() < 100 < screenshot.max()  # a rendered page, not blank
+
+
+def test_a_space_reads_the_model_from_the_environment_and_an_uncached_hub_id_offline_is_one_line(
+        tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("PIXELREPA_MODEL", "someone/never-downloaded")
+    assert demo.main([]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("demo.py: error: ") and error.count("\n") == 1
+    assert "cannot find the requested files in the local cache" in error or "offline" in error.lower(), error

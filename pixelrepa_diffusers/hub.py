@@ -185,10 +185,11 @@ def sample_grid_markdown(grid: dict) -> str:
 
 def write_sample_grid(pipeline, folder: str | Path, class_labels: list[int | str], seeds: list[int]) -> dict:
     """
-    Samples each class with each seed by the pipeline's own sampler and settings (its scheduler, 50 steps, its
-    guidance), writes them as one grid to folder/SAMPLE_GRID_FILE (a row per class, a column per seed) and returns
-    what the card says of it (`render_model_card(sample_grid=...)`).
+    Samples each class (none given: the first 4) with each seed by the pipeline's own sampler and settings (its
+    scheduler, 50 steps, its guidance), writes them as one grid to folder/SAMPLE_GRID_FILE (a row per class, a column
+    per seed) and returns what the card says of it (`render_model_card(sample_grid=...)`).
     """
+    class_labels = list(class_labels) or list(range(min(4, pipeline.transformer.config.num_classes)))
     labels = [label for label in class_labels for _ in seeds]
     generators = [torch.Generator().manual_seed(seed) for _ in class_labels for seed in seeds]
     images = pipeline(labels, generator=generators).images

@@ -338,3 +338,15 @@ def test_a_card_without_a_grid_says_nothing_of_one_and_uploads_no_image(pipeline
     card = render_model_card(**variant_card_settings("PixelREPA-B/16", REPO_ID))
     assert "## Samples" not in card.text and "samples.png" not in card.text
     assert "samples.png" not in {operation.path_in_repo for operation in upload_operations(pipeline_dir, REPO_ID)}
+
+
+def test_a_bare_sample_grid_shows_the_first_four_classes(tmp_path):
+    import PIL.Image
+
+    from pixelrepa_diffusers.hub import write_sample_grid
+
+    pipeline = PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler(), guidance_scale=2.0)
+    pipeline.set_progress_bar_config(disable=True)
+    grid = write_sample_grid(pipeline, tmp_path, [], seeds=[5])
+    assert grid["class_labels"] == [0, 1, 2, 3] and grid["seeds"] == [5]
+    assert PIL.Image.open(tmp_path / "samples.png").size == (32, 128)  # one column, four rows of 32 px

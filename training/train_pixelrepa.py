@@ -382,8 +382,7 @@ def save_final_outputs(args, plan, ema_transformer, aligner, alignment_depth, id
     pipeline.save_pretrained(args.output_dir, safe_serialization=True)
     grid = None
     if args.sample_grid is not None:
-        classes = args.sample_grid or list(range(min(4, ema_transformer.config.num_classes)))
-        grid = write_sample_grid(pipeline, args.output_dir, classes, seeds=[0, 1])
+        grid = write_sample_grid(pipeline, args.output_dir, args.sample_grid, seeds=[0, 1])
     if method.exports_aligner:
         aligner.save_pretrained(os.path.join(args.output_dir, method.folder), safe_serialization=True)
     training = training_recipe(

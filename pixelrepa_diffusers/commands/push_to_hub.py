@@ -46,8 +46,7 @@ def push(args) -> None:
     grid = None
     if args.sample_grid is not None:
         pipeline = PixelREPAPipeline.from_pretrained(args.pipeline_dir)
-        classes = args.sample_grid or list(range(min(4, pipeline.transformer.config.num_classes)))
-        grid = write_sample_grid(pipeline, args.pipeline_dir, classes, seeds=[0, 1])
+        grid = write_sample_grid(pipeline, args.pipeline_dir, args.sample_grid, seeds=[0, 1])
     card = None
     if args.card_variant is not None:
         card = render_model_card(**variant_card_settings(args.card_variant, args.hub_model_id), sample_grid=grid)

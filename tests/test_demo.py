@@ -44,11 +44,12 @@ def pixels(path) -> np.ndarray:
     return np.asarray(PIL.Image.open(path).convert("RGB"))
 
 
-def expected_image(scheduler, steps, label, seed):
+def expected_images(scheduler, steps, labels, seed):
+    """The pipeline's own images of `labels` in one batch, image i from noise seeded `seed` + i, as the demo draws."""
     pipe = tiny_pipeline()
     pipe.scheduler = scheduler
-    image = pipe([label], num_inference_steps=steps, generator=[torch.Generator().manual_seed(seed)]).images[0]
-    return np.asarray(image)
+    generators = [torch.Generator().manual_seed(seed + index) for index in range(len(labels))]
+    return [np.asarray(image) for image in pipe(labels, num_inference_steps=steps, generator=generators).images]
 
 
 def test_the_grid_holds_the_asked_images_with_their_cost(client):
@@ -56,17 +57,19 @@ def test_the_grid_holds_the_asked_images_with_their_cost(client):
                                    api_name="/grid")
     assert [entry["caption"] for entry in gallery] == ["1", "1", "two", "two", "3", "3"]
     assert info.startswith("6 images in ") and "4 model evaluations each" in info
-    # The first image is the pipeline's own sample of class 1 from noise seeded 7.
-    first = expected_image(JiTFlowMatchScheduler(solver="multistep2", time_grid="guidance"), 4, 1, 7)
-    np.testing.assert_array_equal(pixels(gallery[0]["image"]), first)
+    # The pipeline's own samples of the same batch, image i from noise seeded 7 + i.
+    expected = expected_images(JiTFlowMatchScheduler(solver="multistep2", time_grid="guidance"), 4,
+                               [1, 1, 2, 2, 3, 3], 7)
+    for entry, image in zip(gallery, expected):
+        np.testing.assert_array_equal(pixels(entry["image"]), image)
 
 
 def test_side_by_side_runs_the_same_noise_through_both_samplers(client):
     paper, fast, info = client.predict(["5: five"], "", 3, demo.FAST, 4, 2.0, 0.1, 1.0, "model",
                                        api_name="/side_by_side")
-    np.testing.assert_array_equal(pixels(paper), expected_image(JiTFlowMatchScheduler(), 50, 5, 3))
-    np.testing.assert_array_equal(pixels(fast), expected_image(
-        JiTFlowMatchScheduler(solver="multistep2", time_grid="guidance"), 4, 5, 3))
+    np.testing.assert_array_equal(pixels(paper), expected_images(JiTFlowMatchScheduler(), 50, [5], 3)[0])
+    np.testing.assert_array_equal(pixels(fast), expected_images(
+        JiTFlowMatchScheduler(solver="multistep2", time_grid="guidance"), 4, [5], 3)[0])
     assert "Paper: 99 evaluations" in info and "4 evaluations" in info
 
 

@@ -330,8 +330,9 @@ def test_push_cli_renders_a_sample_grid_with_the_pipelines_sampler_into_the_card
     assert grid.shape == (64, 64, 3)  # a row per class, a column per seed (0, 1), 32 px each
     pipeline = PixelREPAPipeline.from_pretrained(pipeline_dir)
     pipeline.set_progress_bar_config(disable=True)
-    second_class_first_seed = pipeline([7], generator=[torch.Generator().manual_seed(0)]).images[0]
-    np.testing.assert_array_equal(grid[32:, :32], np.asarray(second_class_first_seed))
+    # The same batch as the grid's (classes 3, 3, 7, 7; seeds 0, 1, 0, 1): row 1, column 0 is class 7, seed 0.
+    images = pipeline([3, 3, 7, 7], generator=[torch.Generator().manual_seed(seed) for seed in (0, 1, 0, 1)]).images
+    np.testing.assert_array_equal(grid[32:, :32], np.asarray(images[2]))
 
 
 def test_a_card_without_a_grid_says_nothing_of_one_and_uploads_no_image(pipeline_dir, monkeypatch):

@@ -131,8 +131,8 @@ def test_run_saves_loadable_pipeline_card_and_adapter(pixelrepa_run):
     # --sample_grid 1 2: the final pipeline's own samples of classes 1 and 2, seeds 0 and 1, shown in the card.
     assert "![Samples of classes 1, 2](samples.png)" in card
     grid = np.asarray(PIL.Image.open(pixelrepa_run / "samples.png").convert("RGB"))
-    first = pipeline([1], generator=[torch.Generator().manual_seed(0)]).images[0]
-    assert grid.shape == (64, 64, 3) and np.array_equal(grid[:32, :32], np.asarray(first))
+    images = pipeline([1, 1, 2, 2], generator=[torch.Generator().manual_seed(seed) for seed in (0, 1, 0, 1)]).images
+    assert grid.shape == (64, 64, 3) and np.array_equal(grid[32:, 32:], np.asarray(images[3]))  # class 2, seed 1
     assert ModelCard.load(pixelrepa_run / "README.md").data.datasets is None  # a local folder is no Hub dataset id
 
 

@@ -190,11 +190,6 @@ def check_shapes(path, reference, mean, covariance, dim, what) -> None:
         )
 
 
-def load_fid_statistics(path: str) -> dict[str, np.ndarray]:
-    """Reference statistics {"mu": (2048,), "sigma": (2048, 2048)} from an npz file."""
-    return load_reference(path, ("fid",))
-
-
 def save_reference(path: str, reference: dict[str, np.ndarray]) -> None:
     """Writes reference arrays (mu, sigma, resolution and any of features, mu_s, sigma_s, mu_dinov2, sigma_dinov2)
     as an npz."""

@@ -340,8 +340,6 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin, CacheMixin)
                 f"hidden_size ({hidden_size}) / num_attention_heads ({num_attention_heads}) must be a multiple of 4 "
                 "for 2D RoPE."
             )
-        if hidden_size % 4:
-            raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of 4 for the 2D sin-cos embedding.")
         if not 0 <= in_context_start < num_layers:
             raise ValueError(f"in_context_start ({in_context_start}) must be in [0, num_layers={num_layers}).")
         self.gradient_checkpointing = False

@@ -28,8 +28,8 @@ from pixelrepa_diffusers.evaluation import (
     evaluation_class_labels,
     image_features,
     load_dinov2,
-    load_fid_statistics,
     load_inception,
+    load_reference,
     to_uint8,
 )
 from tests.conftest import random_tiny_transformer
@@ -88,7 +88,7 @@ def test_reference_stats_from_a_dataset_use_the_adm_center_crop(assets, tmp_path
     cropped = torch.stack([pil_to_tensor(center_crop_arr(image, 32)) for image in images])
     assert cropped.shape == (4, 3, 32, 32)
     features, _ = load_inception(assets["weights"])(cropped)
-    statistics = load_fid_statistics(str(tmp_path / "stats.npz"))
+    statistics = load_reference(str(tmp_path / "stats.npz"), ("fid",))
     np.testing.assert_allclose(statistics["mu"], features.mean(0).numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(statistics["sigma"], np.cov(features.double().numpy(), rowvar=False), atol=1e-8)
 

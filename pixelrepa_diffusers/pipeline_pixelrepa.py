@@ -1,4 +1,11 @@
-"""Class-conditional pixel-space sampling with JiT / PixelREPA transformers."""
+"""
+Class-conditional pixel-space sampling with JiT / PixelREPA transformers.
+
+This module is published to the Hub as the pipeline's remote code (`hub.remote_code_files`) and must stand alone
+there: it imports torch, diffusers and the two published component modules, never another module of this package
+(`hub.check_standalone` refuses to publish it otherwise). Hence the pipeline carries its own loader, and
+`uses_jit_scheduler` matches the scheduler by class name: remote code loads its own copy of the class.
+"""
 
 import contextlib
 import os

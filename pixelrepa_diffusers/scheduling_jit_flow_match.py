@@ -1,4 +1,11 @@
-"""Flow-matching ODE sampler in JiT time (t = 0 noise, t = 1 clean) for x-predicting models."""
+"""
+Flow-matching ODE sampler in JiT time (t = 0 noise, t = 1 clean) for x-predicting models.
+
+This module is published to the Hub as the scheduler's remote code (`hub.remote_code_files`) and must stand alone
+there: it imports torch and diffusers, never another module of this package (`hub.check_standalone` refuses to
+publish it otherwise). That is why the guidance-interval rules (`check_guidance_interval`, `in_guidance_interval`),
+which the pipeline and the modular blocks import from here, live in this module.
+"""
 
 import math
 from dataclasses import dataclass

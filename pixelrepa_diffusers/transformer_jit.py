@@ -1,4 +1,10 @@
-"""JiT: a plain ViT that denoises raw pixels (Li & He, arXiv 2511.13720), as a diffusers model."""
+"""
+JiT: a plain ViT that denoises raw pixels (Li & He, arXiv 2511.13720), as a diffusers model.
+
+This module is published to the Hub as the transformer's remote code (`hub.remote_code_files`) and must stand alone
+there: it imports torch, numpy and diffusers, never another module of this package (`hub.check_standalone` refuses
+to publish it otherwise).
+"""
 
 import math
 

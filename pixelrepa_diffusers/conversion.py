@@ -19,7 +19,7 @@ from .hub import CARD_VARIANTS, render_model_card, variant_card_settings
 from .pipeline_pixelrepa import PixelREPAPipeline
 from .scheduling_jit_flow_match import JiTFlowMatchScheduler
 from .serialization import pickled_code_refusal
-from .training_utils import OPTIMIZER_MOMENTS_NAME, TRAINING_STATE_NAME, load_into
+from .training_utils import OPTIMIZER_MOMENTS_NAME, TRAINING_STATE_NAME, load_into, submodule_state
 from .transformer_jit import JIT_PRESETS, JiTTransformer2DModel, swiglu_inner_dim
 
 # The only non-tensor class an official checkpoint holds: its training args.
@@ -112,11 +112,6 @@ def checkpoint_format(checkpoint: dict) -> str:
     return "pixelrepa" if has_adapter else "jit"
 
 
-def strip_prefix(state_dict: dict, prefix: str) -> dict:
-    """The entries of `state_dict` under `prefix`, with the prefix removed."""
-    return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
-
-
 def backbone_state_dict(checkpoint: dict, weights: str) -> dict:
     """The backbone weights of `weights` (ema1, ema2 or model) in official key names without prefix, either format."""
     if weights not in WEIGHT_ENTRIES:
@@ -126,13 +121,13 @@ def backbone_state_dict(checkpoint: dict, weights: str) -> dict:
         held = sorted(key for key in WEIGHT_ENTRIES.values() if key in checkpoint)
         raise ValueError(f"The checkpoint has no {entry!r} entry for weights {weights!r}; it holds {held}.")
     if weights == "model" or checkpoint_format(checkpoint) == "jit":
-        return strip_prefix(checkpoint[entry], "net.")
+        return submodule_state(checkpoint[entry], "net.")
     return dict(checkpoint[entry])
 
 
 def adapter_state_dict(checkpoint: dict) -> dict:
     """The PixelREPA adapter weights (trained weights; no EMA exists) in official key names; empty for JiT."""
-    return strip_prefix(checkpoint["model"], ADAPTER_PREFIX)
+    return submodule_state(checkpoint["model"], ADAPTER_PREFIX)
 
 
 def initial_mask_token(hidden_size: int) -> torch.Tensor:
@@ -144,7 +139,7 @@ def initial_mask_token(hidden_size: int) -> torch.Tensor:
 def rename_official_keys(state_dict: dict, prefix: str = "") -> dict:
     """Our key names for the official keys under `prefix` (which is stripped)."""
     renamed = {}
-    for key, value in strip_prefix(state_dict, prefix).items():
+    for key, value in submodule_state(state_dict, prefix).items():
         for pattern, replacement in KEY_RENAMES:
             key = re.sub(pattern, replacement, key)
         renamed[key] = value

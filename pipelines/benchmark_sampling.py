@@ -51,6 +51,7 @@ from pixelrepa_diffusers import (
 from pixelrepa_diffusers.commands import OneLineArgumentParser
 from pixelrepa_diffusers.conversion import rename_official_keys
 from pixelrepa_diffusers.pipeline_pixelrepa import check_precision, precision_context
+from pixelrepa_diffusers.scheduling_jit_flow_match import GUIDANCE_INTERVAL
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Heun steps (2 * steps - 1 evaluations)")
     parser.add_argument("--guidance_scale", type=float, default=3.1)
-    parser.add_argument("--guidance_interval", type=float, nargs=2, default=(0.1, 1.0))
+    parser.add_argument("--guidance_interval", type=float, nargs=2, default=GUIDANCE_INTERVAL)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="our transformer's weights (the ODE state stays fp32)")
     parser.add_argument("--precision", default="model",

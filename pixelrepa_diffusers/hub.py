@@ -14,7 +14,7 @@ from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, Mo
 
 from . import modular_pixelrepa
 from .alignment import ALIGNMENTS
-from .scheduling_jit_flow_match import JiTFlowMatchScheduler, check_guidance_interval
+from .scheduling_jit_flow_match import GUIDANCE_INTERVAL, JiTFlowMatchScheduler, check_guidance_interval
 from .transformer_jit import JIT_PRESETS
 
 # The repository's model_cards/ folder, installed as package data (see pyproject.toml).
@@ -52,7 +52,6 @@ CARD_VARIANTS = {
 }
 # The (method, backbone) of each CARD_VARIANTS entry by its name, e.g. "PixelREPA-B/16" -> ("PixelREPA", "JiT-B/16").
 VARIANT_KEYS = {spec["name"]: key for key, spec in CARD_VARIANTS.items()}
-GUIDANCE_INTERVAL = (0.1, 1.0)
 NUM_INFERENCE_STEPS = 50
 # The weights a converted checkpoint can hold, as the card names them; the papers' metrics are of ema1.
 WEIGHTS_DESCRIPTIONS = {"ema1": "EMA 0.9999", "ema2": "EMA 0.9996", "model": "the raw training weights, no EMA"}
@@ -75,7 +74,7 @@ def render_model_card(
     training: dict,
     weights_source: str,
     guidance_scale: float,
-    guidance_interval: tuple[float, float] = (0.1, 1.0),
+    guidance_interval: tuple[float, float] = GUIDANCE_INTERVAL,
     num_inference_steps: int = 50,
     solver: str = "heun",
     noise_scale: float = 1.0,

@@ -21,7 +21,9 @@ from diffusers.modular_pipelines import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
-from .scheduling_jit_flow_match import JiTFlowMatchScheduler, check_guidance_interval, in_guidance_interval
+from .scheduling_jit_flow_match import (
+    GUIDANCE_INTERVAL, JiTFlowMatchScheduler, check_guidance_interval, in_guidance_interval,
+)
 from .transformer_jit import JiTTransformer2DModel, class_label_ids, class_name_index
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -77,7 +79,7 @@ class PixelREPASetTimestepsStep(ModularPipelineBlocks):
         return [
             ConfigSpec("scheduler_config", {}, "JiTFlowMatchScheduler config (the repo's scheduler_config.json)"),
             ConfigSpec("guidance_scale", 1.0, "default classifier-free guidance scale (1.0 disables guidance)"),
-            ConfigSpec("guidance_interval", [0.1, 1.0], "default (min, max) JiT-time interval of guidance"),
+            ConfigSpec("guidance_interval", list(GUIDANCE_INTERVAL), "default (min, max) JiT-time interval of guidance"),
         ]
 
     @property

@@ -20,7 +20,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .scheduling_jit_flow_match import FLOW_SETTINGS, JiTFlowMatchScheduler, check_guidance_interval, in_guidance_interval
+from .scheduling_jit_flow_match import (
+    FLOW_SETTINGS, GUIDANCE_INTERVAL, JiTFlowMatchScheduler, check_guidance_interval, in_guidance_interval,
+)
 from .transformer_jit import (
     JiTAttnProcessor, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel, class_label_ids, class_name_index,
 )
@@ -79,7 +81,7 @@ class PixelREPAPipeline(DiffusionPipeline):
         | UniPCMultistepScheduler,
         id2label: dict | None = None,
         guidance_scale: float = 1.0,
-        guidance_interval: tuple | list = (0.1, 1.0),
+        guidance_interval: tuple | list = GUIDANCE_INTERVAL,
     ):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler)

@@ -18,6 +18,8 @@ from diffusers.utils import BaseOutput
 
 # The model's flow settings, which every scheduler that samples it needs in its config (see PixelREPAPipeline).
 FLOW_SETTINGS = ("noise_scale", "t_eps")
+# The papers' guidance interval in JiT time: the default of every pipeline, training run and card.
+GUIDANCE_INTERVAL = (0.1, 1.0)
 
 
 def velocity_from_x_prediction(x_pred: torch.Tensor, sample: torch.Tensor, t: torch.Tensor, t_eps: float):

@@ -34,6 +34,7 @@ from pixelrepa_diffusers.commands import OneLineArgumentParser, run_command
 from pixelrepa_diffusers.data import collate_train_batch, load_train_dataset
 from pixelrepa_diffusers.distributed import check_shared_folder
 from pixelrepa_diffusers.encoders import load_alignment_encoder
+from pixelrepa_diffusers.scheduling_jit_flow_match import GUIDANCE_INTERVAL
 from pixelrepa_diffusers.hub import (
     CARD_VARIANTS, push_pipeline_to_hub, render_model_card, training_recipe, write_sample_grid,
 )
@@ -377,7 +378,7 @@ def save_final_outputs(args, plan, ema_transformer, aligner, alignment_depth, id
         scheduler=JiTFlowMatchScheduler(t_eps=args.t_eps, noise_scale=args.noise_scale),
         id2label=id2label,
         guidance_scale=plan.guidance_scale,
-        guidance_interval=(0.1, 1.0),
+        guidance_interval=GUIDANCE_INTERVAL,
     )
     pipeline.save_pretrained(args.output_dir, safe_serialization=True)
     grid = None

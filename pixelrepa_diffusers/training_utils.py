@@ -7,11 +7,9 @@ import pickle
 import re
 import shutil
 
-import numpy as np
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import load
-from PIL import Image
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .serialization import pickled_code_refusal
@@ -348,13 +346,3 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
                 shutil.rmtree(path)
     accelerator.wait_for_everyone()
     return final
-
-
-def image_grid(images: np.ndarray, rows: int) -> Image.Image:
-    """Images (N, H, W, 3) in [0, 1], row-major, as one PIL image of `rows` rows."""
-    count, height, width, channels = images.shape
-    if count % rows:
-        raise ValueError(f"{count} images do not fill {rows} rows evenly.")
-    columns = count // rows
-    grid = images.reshape(rows, columns, height, width, channels).transpose(0, 2, 1, 3, 4)
-    return Image.fromarray(np.round(grid.reshape(rows * height, columns * width, channels) * 255).astype(np.uint8))

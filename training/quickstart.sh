@@ -58,16 +58,16 @@ EOF
 import sys
 
 import torch
+from diffusers.utils import make_image_grid
 
 from pixelrepa_diffusers import PixelREPAPipeline
-from pixelrepa_diffusers.training_utils import image_grid
 
 output_dir = sys.argv[1]
 pipeline = PixelREPAPipeline.from_pretrained(f"{output_dir}/model")
 columns = 10
 labels = [digit for digit in range(10) for _ in range(columns)]
-images = pipeline(labels, generator=torch.Generator().manual_seed(0), output_type="np").images
-image_grid(images, rows=10).save(f"{output_dir}/samples.png")
+images = pipeline(labels, generator=torch.Generator().manual_seed(0)).images
+make_image_grid(images, rows=10, cols=columns).save(f"{output_dir}/samples.png")
 print(f"Wrote {output_dir}/samples.png: row d holds {columns} samples of digit d")
 EOF
 echo "Done in $(( $(date +%s) - start )) s; the pipeline is in $OUTPUT_DIR/model"

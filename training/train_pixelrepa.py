@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import SchedulerType, get_scheduler
+from diffusers.utils import make_image_grid
 from safetensors.torch import load_file
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from tqdm.auto import tqdm
@@ -46,7 +47,6 @@ from pixelrepa_diffusers.training_utils import (
     LossMeter,
     NonFiniteLossError,
     TrainingCheckpointer,
-    image_grid,
     latest_checkpoint,
     load_adamw_moments,
     load_model_folders,
@@ -352,9 +352,9 @@ def validation_grid(transformer, args, class_ids, guidance_scale):
     labels = [class_id for class_id in class_ids for _ in range(args.validation_images_per_class)]
     images = pipeline(
         labels, num_inference_steps=args.validation_num_inference_steps, guidance_scale=guidance_scale,
-        generator=torch.Generator().manual_seed(args.seed), output_type="np",
+        generator=torch.Generator().manual_seed(args.seed),
     ).images
-    return image_grid(images, rows=len(class_ids))
+    return make_image_grid(images, rows=len(class_ids), cols=args.validation_images_per_class)
 
 
 def log_validation(accelerator, grid, step, path):

@@ -1,7 +1,6 @@
 """Conversion of official PixelREPA / JiT checkpoints (checkpoint-last.pth) to diffusers pipelines."""
 
 import argparse
-import inspect
 import json
 import os
 import pickle
@@ -149,13 +148,6 @@ def rename_official_keys(state_dict: dict, prefix: str = "") -> dict:
 def official_kwargs(config, names: dict = OFFICIAL_NAMES) -> dict:
     """The official arguments (named by `names`) for the fields of our config that have one."""
     return {official: config[ours] for ours, official in names.items() if ours in config}
-
-
-def our_config(arguments: dict, model_class, names: dict = OFFICIAL_NAMES) -> dict:
-    """`model_class`'s config for official arguments (named by `names`); fields it lacks (the adapter's in_channels)
-    are left out."""
-    fields = inspect.signature(model_class.__init__).parameters
-    return {ours: arguments[official] for ours, official in names.items() if official in arguments and ours in fields}
 
 
 def read_shapes(state_dict: dict) -> dict:

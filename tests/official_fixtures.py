@@ -1,5 +1,6 @@
 """Loading of the committed official-code fixtures (see tests/fixtures/official/README.md)."""
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -8,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from pipelines.official_code import random_official_state_dict
+from pixelrepa_diffusers.conversion import OFFICIAL_NAMES
 from tests.official_weights import load_manifest
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
@@ -74,3 +76,10 @@ def adapter_tokens(variant: str, variants: dict, hidden_size: int, num_tokens: i
 def stored_rows(image, variants: dict):
     """The rows of an image that official_widths.safetensors stores (every row_stride-th at its resolution)."""
     return image[:, :, :: variants["row_stride"][str(image.shape[-1])]]
+
+
+def our_config(arguments: dict, model_class, names: dict = OFFICIAL_NAMES) -> dict:
+    """`model_class`'s config for official arguments (named by `names`); fields it lacks (the adapter's in_channels)
+    are left out."""
+    fields = inspect.signature(model_class.__init__).parameters
+    return {ours: arguments[official] for ours, official in names.items() if official in arguments and ours in fields}

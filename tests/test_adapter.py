@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from pixelrepa_diffusers import JiTTransformer2DModel, MaskedTransformerAdapter
-from pixelrepa_diffusers.conversion import our_config, rename_official_keys
+from pixelrepa_diffusers.conversion import rename_official_keys
 from tests.conftest import TINY_CONFIG
-from tests.official_fixtures import load_fixture, official_state, relative_error
+from tests.official_fixtures import load_fixture, official_state, our_config, relative_error
 
 
 def test_from_transformer_config_takes_the_backbone_shape():

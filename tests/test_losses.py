@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from tests.official_fixtures import load_fixture, official_state, relative_error
+from tests.official_fixtures import load_fixture, official_state, our_config, relative_error
 from pixelrepa_diffusers import JiTTransformer2DModel, MaskedTransformerAdapter
 from pixelrepa_diffusers.alignment import ALIGNMENTS, REPAProjector
-from pixelrepa_diffusers.conversion import our_config, rename_official_keys
+from pixelrepa_diffusers.conversion import rename_official_keys
 from pixelrepa_diffusers.losses import (
     PixelREPATrainingObjective,
     TrainingDraws,

@@ -12,8 +12,8 @@ from pixelrepa_diffusers import (
     JiTAttnProcessor, JiTFlowMatchScheduler, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel,
     MaskedTransformerAdapter, PixelREPAPipeline,
 )
-from pixelrepa_diffusers.conversion import our_config, rename_official_keys
-from tests.official_fixtures import load_fixture, official_state, relative_error
+from pixelrepa_diffusers.conversion import rename_official_keys
+from tests.official_fixtures import load_fixture, official_state, our_config, relative_error
 
 # The backends of diffusers' dispatch that run on any CPU (flex runs too, unfused, without compile).
 CPU_BACKENDS = ("native", "_native_math", "_native_flash", "flex")

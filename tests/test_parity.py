@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pixelrepa_diffusers import JiTFlowMatchScheduler, JiTTransformer2DModel, MaskedTransformerAdapter, PixelREPAPipeline
-from pixelrepa_diffusers.conversion import our_config, rename_official_keys
-from tests.official_fixtures import load_fixture, load_variants, official_state, relative_error
+from pixelrepa_diffusers.conversion import rename_official_keys
+from tests.official_fixtures import load_fixture, load_variants, official_state, our_config, relative_error
 
 
 def small_transformer():

@@ -10,10 +10,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pixelrepa_diffusers import (
     PRECISIONS, JiTAttnProcessor, JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline,
 )
-from pixelrepa_diffusers.conversion import our_config, rename_official_keys
+from pixelrepa_diffusers.conversion import rename_official_keys
 from pixelrepa_diffusers.pipeline_pixelrepa import precision_context
 from tests.conftest import TINY_CONFIG
-from tests.official_fixtures import load_fixture, official_state, relative_error
+from tests.official_fixtures import load_fixture, official_state, our_config, relative_error
 
 # Two heads of 32 channels, so that q k^T (last dim: the 16 or 20 tokens) and weights @ v (last dim 32) differ in shape.
 HEAD_DIM = 32

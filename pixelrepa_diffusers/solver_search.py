@@ -2,6 +2,8 @@
 times and the shares of past x-predictions whose final sample is nearest the official Heun sampler's with many steps,
 on a fixed set of noise draws and classes. The network is not trained; only the solver's numbers are."""
 
+import math
+
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
@@ -108,7 +110,7 @@ def multistep2_solver(num_inference_steps: int, guidance_interval, t_eps: float)
     coefficients = []
     for index in range(num_inference_steps):
         h, weights = multistep.multistep_weights(index)
-        row = [weight / -torch.expm1(torch.tensor(-h, dtype=torch.float64)).item() for weight in weights]
+        row = [weight / -math.expm1(-h) for weight in weights]  # as the scheduler's searched_step scales them
         coefficients.append(row + [0.0] * (index + 1 - len(row)))
     return SearchedSolver(multistep.time_grid.double().tolist(), coefficients)
 

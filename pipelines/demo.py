@@ -38,7 +38,7 @@ class Demo:
             self.schedulers[SEARCHED] = pipeline.scheduler
             self.default_steps = len(config.searched_times) - 1
         names = pipeline.config.id2label
-        self.class_choices = [f"{index}: {names.get(index, names.get(str(index), index))}"
+        self.class_choices = [f"{index}: {names.get(index, index)}"
                               for index in range(pipeline.transformer.config.num_classes)]
 
     def labels(self, chosen: list[str], typed: str) -> list[int | str]:

@@ -49,11 +49,13 @@ from pixelrepa_diffusers import (
     PixelREPAPipeline,
 )
 from pixelrepa_diffusers.commands import OneLineArgumentParser
+from pixelrepa_diffusers.commands.generate import DTYPES
 from pixelrepa_diffusers.conversion import rename_official_keys
-from pixelrepa_diffusers.pipeline_pixelrepa import check_precision, precision_context
+from pixelrepa_diffusers.pipeline_pixelrepa import check_precision, precision_attention, precision_autocast
 from pixelrepa_diffusers.scheduling_jit_flow_match import GUIDANCE_INTERVAL
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The baseline runs in the official code's regimes, fp32 or bf16 autocast, so there is no fp16 to compare with.
+BENCHMARK_DTYPES = ("bf16", "fp32")
 
 
 def parse_args(argv=None):
@@ -67,12 +69,12 @@ def parse_args(argv=None):
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Heun steps (2 * steps - 1 evaluations)")
     parser.add_argument("--guidance_scale", type=float, default=3.1)
     parser.add_argument("--guidance_interval", type=float, nargs=2, default=GUIDANCE_INTERVAL)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+    parser.add_argument("--dtype", choices=BENCHMARK_DTYPES, default="fp32",
                         help="our transformer's weights (the ODE state stays fp32)")
     parser.add_argument("--precision", default="model",
                         help=f"our regime, one of {', '.join(PRECISIONS)} (see PixelREPAPipeline.__call__); "
                              "official and bf16_sdpa need --dtype fp32")
-    parser.add_argument("--baseline_dtype", choices=sorted(DTYPES), default=None,
+    parser.add_argument("--baseline_dtype", choices=BENCHMARK_DTYPES, default=None,
                         help="fp32, or bf16: the baseline in the official regime (bf16 autocast, fp32 attention "
                              "logits); default: --dtype")
     parser.add_argument("--compile", action="store_true",
@@ -224,7 +226,8 @@ def forward_runs(args, transformer, denoiser, device):
 
         @torch.no_grad()
         def baseline():
-            with precision_context(net, baseline_precision(args), device):
+            precision = baseline_precision(args)
+            with precision_attention(net, precision), precision_autocast(precision, device):
                 outputs["baseline"] = net(x, t, y).sample
     else:
         baseline_module = denoiser.net
@@ -241,7 +244,7 @@ def forward_runs(args, transformer, denoiser, device):
 
     @torch.no_grad()
     def ours():
-        with precision_context(transformer, args.precision, device):
+        with precision_attention(transformer, args.precision), precision_autocast(args.precision, device):
             outputs["ours"] = transformer(x.to(dtype), t, y).sample
 
     resident = {"ours": module_bytes(transformer), "baseline": module_bytes(baseline_module)}

@@ -198,13 +198,14 @@ class PixelREPAPipeline(DiffusionPipeline):
         output_type,
         callback_on_step_end_tensor_inputs,
         precision,
-    ) -> None:
+    ) -> list[int]:
         """
-        Raises on arguments `__call__` cannot sample with, and on an unsupported scheduler. The JiT scheduler checks
-        `num_inference_steps` against its solver itself.
+        Raises on arguments `__call__` cannot sample with, and on an unsupported scheduler; returns the class ids of
+        `class_labels`. The JiT scheduler checks `num_inference_steps` against its solver itself.
         """
         check_precision(precision, self.transformer.dtype)
-        batch_size = len(self.class_label_ids(class_labels))
+        labels = self.class_label_ids(class_labels)
+        batch_size = len(labels)
         check_guidance_interval(guidance_interval)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
@@ -227,6 +228,7 @@ class PixelREPAPipeline(DiffusionPipeline):
                 raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}] for "
                                  f"{type(self.scheduler).__name__} (its num_train_timesteps), got "
                                  f"{num_inference_steps}.")
+        return labels
 
     @property
     def guidance_scale(self) -> float:
@@ -295,9 +297,8 @@ class PixelREPAPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         guidance_interval = tuple(self.config.guidance_interval if guidance_interval is None else guidance_interval)
-        self.check_inputs(class_labels, num_inference_steps, guidance_interval, generator, latents, output_type,
-                          callback_on_step_end_tensor_inputs, precision)
-        labels = self.class_label_ids(class_labels)
+        labels = self.check_inputs(class_labels, num_inference_steps, guidance_interval, generator, latents,
+                                   output_type, callback_on_step_end_tensor_inputs, precision)
         batch_size = len(labels)
         config = self.transformer.config
         shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
@@ -316,7 +317,7 @@ class PixelREPAPipeline(DiffusionPipeline):
         self._num_timesteps = len(timesteps)
         self._interrupt = False
 
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        with self.progress_bar(total=len(timesteps)) as progress_bar, precision_attention(self.transformer, precision):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     break
@@ -361,7 +362,7 @@ class PixelREPAPipeline(DiffusionPipeline):
             model_input, labels_input = latents, class_labels
         # A guided call has twice the batch, so diffusers' caches (transformer.enable_cache) keep its states apart.
         with self.transformer.cache_context("cond_uncond" if guidance is not None else "cond"), \
-                precision_context(self.transformer, precision, latents.device):
+                precision_autocast(precision, latents.device):
             x_pred = self.transformer(
                 model_input.to(self.transformer.dtype), t.expand(model_input.shape[0]), labels_input
             ).sample.float()
@@ -444,12 +445,11 @@ def check_precision(precision: str, transformer_dtype: torch.dtype) -> None:
 
 
 @contextlib.contextmanager
-def precision_context(transformer: JiTTransformer2DModel, precision: str, device: torch.device):
+def precision_attention(transformer: JiTTransformer2DModel, precision: str):
     """
-    Runs the transformer calls inside the block in the regime `precision` (see PRECISIONS) on `device`; "official"
-    swaps in `JiTFP32LogitsAttnProcessor` and "bf16_sdpa" `JiTAttnProcessor` where another is set, for the block only.
+    Sets the attention processors of the regime `precision` (see PRECISIONS, checked by `check_precision`) for the
+    block: "official" swaps in `JiTFP32LogitsAttnProcessor` and "bf16_sdpa" `JiTAttnProcessor` where another is set.
     """
-    check_precision(precision, transformer.dtype)
     processors = transformer.attn_processors
     if precision == "official":
         transformer.set_attn_processor(JiTFP32LogitsAttnProcessor())
@@ -459,7 +459,11 @@ def precision_context(transformer: JiTTransformer2DModel, precision: str, device
             for name, processor in processors.items()
         })
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision != "model"):
-            yield
+        yield
     finally:
         transformer.set_attn_processor(dict(processors))
+
+
+def precision_autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The autocast of the regime `precision` on `device`: bf16 for "official" and "bf16_sdpa", none for "model"."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision != "model")

@@ -240,3 +240,26 @@ def test_check_inputs_passes_good_arguments_and_checks_steps_of_diffusers_schedu
     pipe.scheduler = DDIMScheduler()
     with pytest.raises(TypeError, match="scheduler must be one of"):
         pipe.check_inputs(**CHECK_INPUTS_DEFAULTS)
+
+
+def test_a_call_sets_the_regime_and_reads_the_labels_once_however_many_steps(pipe, monkeypatch):
+    processor_sets, label_reads, regimes = [], [], []
+    set_attn_processor, class_label_ids = pipe.transformer.set_attn_processor, pipe.class_label_ids
+    monkeypatch.setattr(pipe.transformer, "set_attn_processor",
+                        lambda processor: processor_sets.append(processor) or set_attn_processor(processor))
+    monkeypatch.setattr(pipe, "class_label_ids", lambda labels: label_reads.append(labels) or class_label_ids(labels))
+
+    def record_regime(pipeline, step, t, tensors):
+        regimes.append(({type(p).__name__ for p in pipeline.transformer.attn_processors.values()},
+                        torch.is_autocast_enabled("cpu")))
+        return tensors
+
+    before = pipe.transformer.attn_processors
+    pipe([1, "seven"], num_inference_steps=4, output_type="pt", precision="official",
+         callback_on_step_end=record_regime)
+    assert len(label_reads) == 1
+    assert len(processor_sets) == 2  # the regime's processors, then the caller's back
+    # Every evaluation ran with the official processors; the solver and callbacks run outside autocast.
+    assert regimes == [({"JiTFP32LogitsAttnProcessor"}, False)] * pipe.num_timesteps
+    assert pipe.transformer.attn_processors.keys() == before.keys()
+    assert all(type(pipe.transformer.attn_processors[name]) is type(before[name]) for name in before)

@@ -11,7 +11,7 @@ from pixelrepa_diffusers import (
     PRECISIONS, JiTAttnProcessor, JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline,
 )
 from pixelrepa_diffusers.conversion import rename_official_keys
-from pixelrepa_diffusers.pipeline_pixelrepa import precision_context
+from pixelrepa_diffusers.pipeline_pixelrepa import precision_attention, precision_autocast
 from tests.conftest import TINY_CONFIG
 from tests.official_fixtures import load_fixture, official_state, our_config, relative_error
 
@@ -116,9 +116,9 @@ def test_official_regime_forward_matches_the_official_code_in_its_regime():
     x, t, y = tensors["input.x"], tensors["input.t"], tensors["input.y"]
     expected = tensors["output.forward"]
     with torch.no_grad():
-        with precision_context(model, "official", torch.device("cpu")):
+        with precision_attention(model, "official"), precision_autocast("official", torch.device("cpu")):
             official = model(x, t, y).sample
-        with precision_context(model, "bf16_sdpa", torch.device("cpu")):
+        with precision_attention(model, "bf16_sdpa"), precision_autocast("bf16_sdpa", torch.device("cpu")):
             sdpa = model(x, t, y).sample
         fp32 = model(x, t, y).sample
     assert official.dtype == torch.bfloat16

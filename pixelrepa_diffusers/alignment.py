@@ -54,6 +54,14 @@ class Alignment:
     def compile(self, aligner, **compile_kwargs) -> None:
         """Compiles the aligner's repeated blocks with `torch.compile(**compile_kwargs)`, where it has any."""
 
+    def features(self, aligner, tokens: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """
+        The aligner's output for the backbone's image tokens `tokens` (B, N, hidden_size), partly replaced by the
+        mask token where the method `masks_tokens`, at time `t` with the (dropped) class `labels`. Plain JiT has no
+        aligner, so no features.
+        """
+        raise NotImplementedError(f"alignment {self.name!r} has no aligner.")
+
     def card_text(self, depth: int, mask_ratio: float, encoder: str, weight: float | None) -> str | None:
         """The "Alignment" row of a trained model's card (None without alignment)."""
         return None
@@ -81,9 +89,8 @@ class REPAAlignment(Alignment):
     def build_aligner(self, config, encoder_width, projector_dim, pretrained):
         return REPAProjector(hidden_size=config.hidden_size, projector_dim=projector_dim, out_channels=encoder_width)
 
-    def features(self, aligner, transformer, hidden, t, labels, draws, mask_ratio):
-        """The aligner's output for the image tokens of `hidden`."""
-        return aligner(hidden[:, -transformer.num_patches :])
+    def features(self, aligner, tokens, t, labels):
+        return aligner(tokens)
 
     def card_text(self, depth, mask_ratio, encoder, weight):
         return f"MLP projector on the tokens after block {depth}, cosine loss to {encoder}, weight {weight}"
@@ -117,10 +124,8 @@ class PixelREPAAlignment(Alignment):
     def compile(self, aligner, **compile_kwargs):
         aligner.compile_repeated_blocks(**compile_kwargs)
 
-    def features(self, aligner, transformer, hidden, t, labels, draws, mask_ratio):
-        """The aligner's output for `hidden` with the tokens not kept by the draws' mask replaced by the mask token."""
-        keep = draws.mask_uniform > mask_ratio
-        return aligner(torch.where(keep[..., None], hidden, transformer.mask_token), t, labels)
+    def features(self, aligner, tokens, t, labels):
+        return aligner(tokens, t, labels)
 
     def card_text(self, depth, mask_ratio, encoder, weight):
         return (f"Masked Transformer Adapter on the tokens after block {depth}, {mask_ratio:.0%} masked, cosine loss "

@@ -384,7 +384,7 @@ def official_trainable_names(model_state: dict) -> list[str]:
 
 
 def training_parameter_name(official_name: str) -> str:
-    """Our PixelREPATrainingObjective parameter name for an official Denoiser parameter name."""
+    """Our JiTTrainingObjective parameter name for an official Denoiser parameter name."""
     for official_prefix, prefix in (("net.", "transformer."), (ADAPTER_PREFIX, "aligner.")):
         if official_name.startswith(official_prefix):
             return prefix + next(iter(rename_official_keys({official_name: None}, official_prefix)))

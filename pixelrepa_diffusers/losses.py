@@ -35,6 +35,11 @@ def drop_labels(class_labels: torch.Tensor, uniform: torch.Tensor, label_dropout
     return torch.where(uniform < label_dropout, torch.full_like(class_labels, null_class), class_labels)
 
 
+def mask_tokens(tokens: torch.Tensor, uniform: torch.Tensor, mask_ratio: float, mask_token: torch.Tensor):
+    """Keeps each token where `uniform > mask_ratio` and replaces the others by `mask_token`."""
+    return torch.where((uniform > mask_ratio)[..., None], tokens, mask_token)
+
+
 def logit_normal_time(normal: torch.Tensor, p_mean: float, p_std: float) -> torch.Tensor:
     """JiT time t = sigmoid(N(p_mean, p_std^2)) from a standard normal draw."""
     return torch.sigmoid(normal * p_std + p_mean)
@@ -53,12 +58,13 @@ def alignment_loss(features: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return (1 - F.cosine_similarity(features, targets, dim=-1)).mean()
 
 
-class PixelREPATrainingObjective(nn.Module):
+class JiTTrainingObjective(nn.Module):
     """
     The training loss of a JiT transformer: JiT's v-loss of an x-prediction at logit-normal time, with label dropout,
     plus the weighted cosine loss of a representation-alignment method of `ALIGNMENTS` ("none", "repa", "pixelrepa").
     The first `alignment_depth` blocks run once; their tokens feed both the rest of the backbone and the method's
-    aligner, whose output is aligned to the frozen encoder's patch tokens.
+    aligner (their image tokens, a random `mask_ratio` of them masked where the method `masks_tokens`), whose output
+    is aligned to the frozen encoder's patch tokens.
 
     The alignment targets (the frozen encoder's patch tokens) are computed by the caller, so the encoder stays out of
     the trained, sharded and checkpointed module.
@@ -135,7 +141,10 @@ class PixelREPATrainingObjective(nn.Module):
         if self.aligner is None:
             return {"loss": loss_jit, "loss_jit": loss_jit, "loss_alignment": torch.zeros_like(loss_jit)}
 
-        features = self.method.features(self.aligner, transformer, hidden, t, labels, draws, self.mask_ratio)
+        image_tokens = hidden[:, -transformer.num_patches :]
+        if self.method.masks_tokens:
+            image_tokens = mask_tokens(image_tokens, draws.mask_uniform, self.mask_ratio, transformer.mask_token)
+        features = self.method.features(self.aligner, image_tokens, t, labels)
         loss_alignment = alignment_loss(features, targets)
         loss = loss_jit + self.alignment_weight * loss_alignment
         return {"loss": loss, "loss_jit": loss_jit, "loss_alignment": loss_alignment}

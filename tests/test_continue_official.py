@@ -24,7 +24,7 @@ from pixelrepa_diffusers.conversion import (
     rename_official_keys,
     training_parameter_name,
 )
-from pixelrepa_diffusers.losses import PixelREPATrainingObjective, draw_training_randomness
+from pixelrepa_diffusers.losses import JiTTrainingObjective, draw_training_randomness
 from pixelrepa_diffusers.training_utils import (
     OPTIMIZER_MOMENTS_NAME,
     TRAINING_STATE_NAME,
@@ -93,7 +93,7 @@ def test_one_step_from_an_official_checkpoint_equals_the_official_step(converted
     torch.manual_seed(123)  # the weights built here are overwritten by the checkpoint's
     transformer = JiTTransformer2DModel.from_config(config)
     adapter = MaskedTransformerAdapter.from_config(MaskedTransformerAdapter.load_config(converted / "adapter"))
-    objective = PixelREPATrainingObjective(
+    objective = JiTTrainingObjective(
         transformer, alignment="pixelrepa", aligner=adapter, alignment_weight=0.1, mask_ratio=args.patch_mask_ratio,
         label_dropout=args.label_drop_prob, p_mean=args.P_mean, p_std=args.P_std, t_eps=args.t_eps,
         noise_scale=args.noise_scale,

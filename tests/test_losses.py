@@ -8,7 +8,7 @@ from pixelrepa_diffusers import JiTTransformer2DModel, MaskedTransformerAdapter
 from pixelrepa_diffusers.alignment import ALIGNMENTS, REPAProjector
 from pixelrepa_diffusers.conversion import rename_official_keys
 from pixelrepa_diffusers.losses import (
-    PixelREPATrainingObjective,
+    JiTTrainingObjective,
     TrainingDraws,
     alignment_loss,
     draw_training_randomness,
@@ -26,7 +26,7 @@ def official_objective(alignment="pixelrepa"):
     adapter.load_state_dict(rename_official_keys(official_state(mta_tensors, mta_metadata)))
     tensors, metadata = load_fixture("loss_small.safetensors")
     args = metadata["denoiser_args"]
-    objective = PixelREPATrainingObjective(
+    objective = JiTTrainingObjective(
         transformer, alignment=alignment, aligner=adapter if alignment == "pixelrepa" else None,
         alignment_weight=0.1, mask_ratio=args["patch_mask_ratio"], label_dropout=args["label_drop_prob"],
         p_mean=args["P_mean"], p_std=args["P_std"], t_eps=args["t_eps"], noise_scale=args["noise_scale"],
@@ -93,8 +93,8 @@ def test_repa_projector_reads_the_chosen_layer():
     transformer = objective.transformer
     torch.manual_seed(0)
     projector = REPAProjector(hidden_size=64, projector_dim=32, out_channels=48)
-    repa = PixelREPATrainingObjective(transformer, alignment="repa", aligner=projector, repa_depth=3,
-                                      alignment_weight=0.5, t_eps=0.05)
+    repa = JiTTrainingObjective(transformer, alignment="repa", aligner=projector, repa_depth=3,
+                                alignment_weight=0.5, t_eps=0.05)
     draws = fixture_draws(tensors)
     losses = repa(tensors["input.x"], tensors["input.y"], targets=tensors["input.z_dino"], draws=draws)
     # The same layer computed by hand: blocks 0..2 on the noisy image, image tokens only.
@@ -137,7 +137,7 @@ def test_official_seed_replays_the_fixture_draws():
 def test_bad_arguments_are_named(kwargs, message):
     objective, _ = official_objective(alignment="none")
     with pytest.raises(ValueError, match=message):
-        PixelREPATrainingObjective(objective.transformer, **kwargs)
+        JiTTrainingObjective(objective.transformer, **kwargs)
 
 
 def test_alignment_without_targets_is_refused():

@@ -21,9 +21,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import Dinov2Config, Dinov2Model
 
+from pipelines.benchmark_utils import TINY_CONFIG
 from pixelrepa_diffusers import PixelREPAPipeline
 from pixelrepa_diffusers.data import load_train_dataset
-from pixelrepa_diffusers.losses import PixelREPATrainingObjective
+from pixelrepa_diffusers.losses import JiTTrainingObjective
 from pixelrepa_diffusers.training_utils import (
     ExponentialMovingAverage,
     latest_checkpoint,
@@ -39,8 +40,7 @@ from training import prepare_dataset, train_pixelrepa
 REPO = Path(__file__).resolve().parent.parent
 
 SCRIPT = REPO / "training" / "train_pixelrepa.py"
-TINY_JIT = dict(sample_size=32, patch_size=8, hidden_size=64, num_layers=4, num_attention_heads=4, num_classes=3,
-                bottleneck_dim=16, in_context_len=4, in_context_start=2, dropout=0.1)
+TINY_JIT = {**TINY_CONFIG, "num_classes": 3, "dropout": 0.1}
 WEIGHT_FOLDERS = ("transformer", "adapter", "ema_1", "ema_2")
 
 
@@ -357,7 +357,7 @@ def test_resume_never_runs_pickled_code(assets, tmp_path, capsys, name):
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(assets, tmp_path, monkeypatch, capsys):
-    real_forward = PixelREPATrainingObjective.forward
+    real_forward = JiTTrainingObjective.forward
     calls = []
 
     def forward(self, *args, **kwargs):
@@ -367,7 +367,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(asse
             losses = {**losses, "loss": losses["loss"] * float("nan")}
         return losses
 
-    monkeypatch.setattr(PixelREPATrainingObjective, "forward", forward)
+    monkeypatch.setattr(JiTTrainingObjective, "forward", forward)
     code = train(assets, tmp_path, "--max_train_steps", "8", "--checkpointing_steps", "2", "--logging_steps", "100")
     assert code == 1
     error = capsys.readouterr().err.strip().splitlines()

@@ -4,7 +4,7 @@
         --peak_tflops 989 --reference_repo reference/PixelREPA
 
 One step of ours is the step train_pixelrepa.py runs, its very function (training_step) with its --compile
-(compile_blocks): PixelREPATrainingObjective (backbone, masked adapter, frozen DINOv2-B encoder) under accelerate's
+(compile_blocks): JiTTrainingObjective (backbone, masked adapter, frozen DINOv2-B encoder) under accelerate's
 autocast, backward, fused AdamW, foreach-lerp EMAs (0.9999, 0.9996), no host syncs. Baseline: the official Denoiser step as
 its engine runs it (loss .item() calls, AdamW, a device sync, per-parameter EMA loops; its encoder a timm ViT of the
 same shape) when `--reference_repo` is given; otherwise our objective with fp32 attention that materialises the
@@ -48,7 +48,7 @@ from pixelrepa_diffusers import JiTTransformer2DModel, MaskedTransformerAdapter
 from pixelrepa_diffusers.commands import OneLineArgumentParser
 from pixelrepa_diffusers.encoders import AlignmentEncoder
 from pixelrepa_diffusers.alignment import ALIGNMENTS
-from pixelrepa_diffusers.losses import PixelREPATrainingObjective
+from pixelrepa_diffusers.losses import JiTTrainingObjective
 from pixelrepa_diffusers.training_utils import ExponentialMovingAverage
 from training.train_pixelrepa import compile_blocks, training_step
 
@@ -111,7 +111,7 @@ def build_objective(args, device, plain: bool):
     elif args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
         adapter.enable_gradient_checkpointing()
-    objective = PixelREPATrainingObjective(transformer, alignment="pixelrepa", aligner=adapter)
+    objective = JiTTrainingObjective(transformer, alignment="pixelrepa", aligner=adapter)
     return objective.to(device).train(), encoder.to(device)
 
 

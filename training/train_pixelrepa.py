@@ -39,7 +39,7 @@ from pixelrepa_diffusers.scheduling_jit_flow_match import GUIDANCE_INTERVAL
 from pixelrepa_diffusers.hub import (
     CARD_VARIANTS, push_pipeline_to_hub, render_model_card, training_recipe, write_sample_grid,
 )
-from pixelrepa_diffusers.losses import PixelREPATrainingObjective
+from pixelrepa_diffusers.losses import JiTTrainingObjective
 from pixelrepa_diffusers.training_utils import (
     OPTIMIZER_MOMENTS_NAME,
     TRAINING_STATE_NAME,
@@ -537,7 +537,7 @@ def train(args):
     compiled = accelerator.device.type == "cuda" if args.compile is None else args.compile
     if compiled:
         compile_blocks(transformer, method, aligner, encoder)
-    objective = PixelREPATrainingObjective(
+    objective = JiTTrainingObjective(
         transformer, alignment=args.alignment, aligner=aligner,
         alignment_weight=plan.alignment_weight, mask_ratio=args.mask_ratio, repa_depth=args.repa_depth,
         label_dropout=args.label_dropout, p_mean=args.p_mean, p_std=args.p_std, t_eps=args.t_eps,

@@ -7,6 +7,7 @@ metric functions. Each process of an `accelerate launch` generates its share of 
 saves their features to safetensors files, so a re-run reuses every finished shard.
 """
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -14,6 +15,7 @@ import os
 import pickle
 import urllib.error
 import zipfile
+from collections.abc import Sequence
 
 import datasets
 import numpy as np
@@ -516,6 +518,41 @@ class RunningMoments:
         return {"mu": mean.numpy(), "sigma": covariance.numpy()}
 
 
+@dataclasses.dataclass
+class EvaluationSettings:
+    """
+    What `evaluate_pipeline` measures and how it samples: `metrics` (any of METRICS) of `num_images` samples for each
+    guidance interval and guidance scale (None: the pipeline's default), in the regime `precision` (one of
+    PRECISIONS; "official", the papers' bf16 autocast with fp32 attention logits, by default).
+    """
+
+    num_images: int = 50_000
+    guidance_scales: Sequence[float | None] = (None,)
+    guidance_intervals: Sequence[tuple[float, float] | None] = (None,)
+    num_inference_steps: int = 50
+    batch_size: int = 64
+    images_per_shard: int = 500
+    class_balanced: bool = True
+    seed: int = 0
+    isc_splits: int = 10
+    precision: str = "official"
+    metrics: Sequence[str] = ("fid", "is")
+    kid_subset_size: int = 1000
+
+
+@dataclasses.dataclass
+class EvaluationRun:
+    """One (guidance scale, guidance interval) of an evaluation: its sampling settings, shard files and the shards
+    this process generates."""
+
+    settings: dict
+    run_dir: str
+    save_dir: str | None
+    paths: list[str]
+    finished: list[bool]
+    pending: list[int]
+
+
 def sampling_settings(pipeline, guidance_scale, guidance_interval, **settings) -> dict:
     """Every setting that determines the evaluated images, with the pipeline's defaults filled in."""
     config = pipeline.config
@@ -570,28 +607,15 @@ def evaluate_pipeline(
     reference: dict,
     accelerator: Accelerator,
     shard_dir: str,
-    num_images: int = 50_000,
-    guidance_scales: list[float | None] = (None,),
-    guidance_intervals: list[tuple[float, float] | None] = (None,),
-    num_inference_steps: int = 50,
-    batch_size: int = 64,
-    images_per_shard: int = 500,
-    class_balanced: bool = True,
-    seed: int = 0,
-    isc_splits: int = 10,
-    save_images: str | None = None,
-    precision: str = "official",
-    metrics=("fid", "is"),
+    settings: EvaluationSettings,
     dinov2=None,
-    kid_subset_size: int = 1000,
+    save_images: str | None = None,
 ) -> list[dict] | None:
     """
-    `metrics` (any of METRICS; FID and IS by default) of `num_images` samples for each guidance interval and
-    guidance scale (None: the pipeline's default), sampled in the regime `precision` (one of `PRECISIONS`;
-    "official", the papers' bf16 autocast with fp32 attention logits, by default). `reference` comes from
-    `load_reference`; `dinov2` (load_dinov2) is needed for fd_dinov2.
+    The metrics of `settings` for each of its guidance settings. `reference` comes from `load_reference`; `dinov2`
+    (load_dinov2) is needed for fd_dinov2.
 
-    Image indices are cut into shards of `images_per_shard`, saved as
+    Image indices are cut into shards of `settings.images_per_shard`, saved as
     `shard_dir/<name>-<settings hash>/shard-<start>-<end>.safetensors`, name `guidance_<scale>` (plus
     `_interval_<min>_<max>` for an interval other than the pipeline's), with the feature sets the metrics
     need. Shards already there with those sets are reused, so a crashed run resumes where it stopped, with any
@@ -603,40 +627,66 @@ def evaluate_pipeline(
     `inception_score_mean`, `inception_score_std`, `improved_precision`, `improved_recall`, `kid_mean`, `kid_std`,
     `sfid`, `fd_dinov2`, as asked) and the number of `reused_shards`; None on the other processes.
     """
-    check_metrics(metrics)
-    check_precision(precision, pipeline.transformer.dtype)
-    if "fd_dinov2" in metrics and dinov2 is None:
-        raise ValueError("metric fd_dinov2 needs a DINOv2 (load_dinov2).")
-    if "kid" in metrics:
-        num_reference = (len(reference["features"]) if "features" in reference
-                         else npz_array_header(reference["images_file"], "arr_0")[0][0])
-        if kid_subset_size > min(num_images, num_reference):
-            raise ValueError(f"kid_subset_size {kid_subset_size} is more than the {num_images} images or the "
-                             f"{num_reference} reference images.")
-    labels = evaluation_class_labels(num_images, pipeline.transformer.config.num_classes, class_balanced, seed)
-    if num_images < isc_splits:
-        raise ValueError(f"num_images must be at least isc_splits ({isc_splits}), got {num_images}.")
-    if batch_size < 1 or images_per_shard < 1:
-        raise ValueError(f"batch_size and images_per_shard must be >= 1, got {batch_size} and {images_per_shard}.")
-    bounds = [(start, min(start + images_per_shard, num_images)) for start in range(0, num_images, images_per_shard)]
-    sets = feature_sets(metrics)
+    labels = check_evaluation(pipeline, reference, settings, dinov2)
     pipeline.set_progress_bar_config(disable=True)
     if accelerator.is_main_process:
         os.makedirs(shard_dir, exist_ok=True)
     check_shared_folder(accelerator, shard_dir, "shard_dir")
+    runs = plan_runs(pipeline, settings, accelerator, shard_dir, save_images)
+    accelerator.wait_for_everyone()
+    generate_runs(pipeline, inception, runs, labels, settings, accelerator, dinov2)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    return merge_runs(runs, reference, inception, settings)
 
+
+def check_evaluation(pipeline, reference: dict, settings: EvaluationSettings, dinov2) -> torch.Tensor:
+    """Raises on settings `evaluate_pipeline` cannot measure; returns the class label of every image index."""
+    check_metrics(settings.metrics)
+    check_precision(settings.precision, pipeline.transformer.dtype)
+    if "fd_dinov2" in settings.metrics and dinov2 is None:
+        raise ValueError("metric fd_dinov2 needs a DINOv2 (load_dinov2).")
+    if "kid" in settings.metrics:
+        num_reference = (len(reference["features"]) if "features" in reference
+                         else npz_array_header(reference["images_file"], "arr_0")[0][0])
+        if settings.kid_subset_size > min(settings.num_images, num_reference):
+            raise ValueError(f"kid_subset_size {settings.kid_subset_size} is more than the {settings.num_images} "
+                             f"images or the {num_reference} reference images.")
+    labels = evaluation_class_labels(settings.num_images, pipeline.transformer.config.num_classes,
+                                     settings.class_balanced, settings.seed)
+    if settings.num_images < settings.isc_splits:
+        raise ValueError(f"num_images must be at least isc_splits ({settings.isc_splits}), got {settings.num_images}.")
+    if settings.batch_size < 1 or settings.images_per_shard < 1:
+        raise ValueError(f"batch_size and images_per_shard must be >= 1, got {settings.batch_size} and "
+                         f"{settings.images_per_shard}.")
+    return labels
+
+
+def shard_bounds(settings: EvaluationSettings) -> list[tuple[int, int]]:
+    """The (start, end) image indices of each shard."""
+    return [(start, min(start + settings.images_per_shard, settings.num_images))
+            for start in range(0, settings.num_images, settings.images_per_shard)]
+
+
+def plan_runs(pipeline, settings: EvaluationSettings, accelerator: Accelerator, shard_dir: str,
+              save_images: str | None) -> list[EvaluationRun]:
+    """One run per guidance setting, its folders made and its settings.json written, with the unfinished shards
+    this process generates."""
+    sets = feature_sets(settings.metrics)
+    bounds = shard_bounds(settings)
     runs = []
-    for guidance_interval in guidance_intervals:
-        for guidance_scale in guidance_scales:
-            settings = sampling_settings(
-                pipeline, guidance_scale, guidance_interval, num_images=num_images,
-                num_inference_steps=num_inference_steps, class_balanced=class_balanced, seed=seed,
-                precision=precision,
+    for guidance_interval in settings.guidance_intervals:
+        for guidance_scale in settings.guidance_scales:
+            run_settings = sampling_settings(
+                pipeline, guidance_scale, guidance_interval, num_images=settings.num_images,
+                num_inference_steps=settings.num_inference_steps, class_balanced=settings.class_balanced,
+                seed=settings.seed, precision=settings.precision,
             )
-            name = f"guidance_{settings['guidance_scale']:g}"
-            if settings["guidance_interval"] != list(pipeline.config.guidance_interval):
-                name += "_interval_{:g}_{:g}".format(*settings["guidance_interval"])
-            digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+            name = f"guidance_{run_settings['guidance_scale']:g}"
+            if run_settings["guidance_interval"] != list(pipeline.config.guidance_interval):
+                name += "_interval_{:g}_{:g}".format(*run_settings["guidance_interval"])
+            digest = hashlib.sha256(json.dumps(run_settings, sort_keys=True).encode()).hexdigest()[:16]
             run_dir = os.path.join(shard_dir, f"{name}-{digest}")
             save_dir = None if save_images is None else os.path.join(save_images, name)
             for directory in (run_dir, save_dir):
@@ -644,46 +694,53 @@ def evaluate_pipeline(
                     os.makedirs(directory, exist_ok=True)
             if accelerator.is_main_process:
                 with open(os.path.join(run_dir, "settings.json"), "w") as file:
-                    json.dump(settings, file, indent=2)
+                    json.dump(run_settings, file, indent=2)
             paths = [os.path.join(run_dir, f"shard-{start:06d}-{end:06d}.safetensors") for start, end in bounds]
             finished = [shard_is_finished(path, sets) for path in paths]
             unfinished = [shard for shard in range(len(paths)) if not finished[shard]]
             pending = unfinished[accelerator.process_index :: accelerator.num_processes]
-            runs.append({"settings": settings, "run_dir": run_dir, "save_dir": save_dir, "paths": paths,
-                         "finished": finished, "pending": pending})
-    accelerator.wait_for_everyone()
+            runs.append(EvaluationRun(run_settings, run_dir, save_dir, paths, finished, pending))
+    return runs
 
+
+def generate_runs(pipeline, inception, runs: list[EvaluationRun], labels: torch.Tensor,
+                  settings: EvaluationSettings, accelerator: Accelerator, dinov2) -> None:
+    """Generates this process's pending shards of every run, each written atomically."""
+    sets = feature_sets(settings.metrics)
+    bounds = shard_bounds(settings)
     progress_bar = tqdm(
-        total=sum(bounds[shard][1] - bounds[shard][0] for run in runs for shard in run["pending"]), unit="img",
+        total=sum(bounds[shard][1] - bounds[shard][0] for run in runs for shard in run.pending), unit="img",
         desc="generating", disable=not accelerator.is_main_process,
     )
     for run in runs:
-        for shard in run["pending"]:
+        for shard in run.pending:
             tensors = generate_shard(
-                pipeline, inception, labels, *bounds[shard], run["settings"], batch_size, run["save_dir"],
+                pipeline, inception, labels, *bounds[shard], run.settings, settings.batch_size, run.save_dir,
                 progress_bar, sets, dinov2,
             )
             metadata = {"process_index": str(accelerator.process_index)}
-            write_atomically(run["paths"][shard], lambda file: file.write(save(tensors, metadata)))
+            write_atomically(run.paths[shard], lambda file: file.write(save(tensors, metadata)))
     progress_bar.close()
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return None
 
+
+def merge_runs(runs: list[EvaluationRun], reference: dict, inception, settings: EvaluationSettings) -> list[dict]:
+    """Each run's settings and metrics, from all of its shards."""
     if "images_file" in reference:
         with np.load(reference["images_file"]) as archive:
             images = torch.from_numpy(archive["arr_0"]).permute(0, 3, 1, 2)
-        reference = {**reference, "features": tensor_features(images, inception, batch_size).numpy()}
+        reference = {**reference, "features": tensor_features(images, inception, settings.batch_size).numpy()}
+    sets = feature_sets(settings.metrics)
     results = []
     for run in runs:
-        shards = [load_file(path) for path in run["paths"]]
+        shards = [load_file(path) for path in run.paths]
         features = {name: torch.cat([shard[name] for shard in shards]) for name in sets}
         results.append(
             {
-                **run["settings"],
-                **compute_metrics(metrics, features, reference, isc_splits, kid_subset_size),
-                "reused_shards": sum(run["finished"]),
-                "shard_dir": run["run_dir"],
+                **run.settings,
+                **compute_metrics(settings.metrics, features, reference, settings.isc_splits,
+                                  settings.kid_subset_size),
+                "reused_shards": sum(run.finished),
+                "shard_dir": run.run_dir,
             }
         )
     return results

@@ -26,6 +26,7 @@ from pixelrepa_diffusers import PRECISIONS, JiTFlowMatchScheduler, JiTTransforme
 from pixelrepa_diffusers.evaluation import (
     DINOV2_MODEL,
     METRICS,
+    EvaluationSettings,
     check_metrics,
     evaluate_pipeline,
     evaluation_class_labels,
@@ -120,12 +121,7 @@ def evaluate(args):
         default_min, default_max = pipeline.config.guidance_interval
         maximum = default_max if args.guidance_interval_max is None else args.guidance_interval_max
         guidance_intervals = [(minimum, maximum) for minimum in args.guidance_interval_min or [default_min]]
-    results = evaluate_pipeline(
-        pipeline,
-        inception,
-        reference,
-        accelerator,
-        shard_dir=args.shard_dir or os.path.splitext(args.output_json)[0] + "_shards",
+    settings = EvaluationSettings(
         num_images=args.num_images,
         guidance_scales=args.guidance_scale or [None],
         guidance_intervals=guidance_intervals,
@@ -134,12 +130,13 @@ def evaluate(args):
         images_per_shard=args.images_per_shard,
         class_balanced=args.class_balanced,
         seed=args.seed,
-        save_images=args.save_images,
         precision=args.precision,
         metrics=args.metrics,
-        dinov2=dinov2,
         kid_subset_size=args.kid_subset_size,
     )
+    shard_dir = args.shard_dir or os.path.splitext(args.output_json)[0] + "_shards"
+    results = evaluate_pipeline(pipeline, inception, reference, accelerator, shard_dir, settings, dinov2=dinov2,
+                                save_images=args.save_images)
     if accelerator.is_main_process:
         for result in results:
             print(summary(result, len(guidance_intervals) > 1))

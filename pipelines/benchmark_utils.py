@@ -13,6 +13,11 @@ import torch.nn as nn
 from pixelrepa_diffusers.commands import run_command
 from pixelrepa_diffusers.transformer_jit import JiTFP32LogitsAttnProcessor
 
+# The tiny JiT and DINOv2 of dry runs (gpu_check.py --tiny) and of the tests.
+TINY_CONFIG = dict(sample_size=32, patch_size=8, hidden_size=64, num_layers=4, num_attention_heads=4, num_classes=10,
+                   bottleneck_dim=16, in_context_len=4, in_context_start=2)
+TINY_ENCODER = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4)
+
 
 def materialize_attention(model: nn.Module) -> None:
     """Sets every attention of `model` (a JiT backbone or adapter) to the official attention, which materialises

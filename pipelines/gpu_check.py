@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from diffusers.models.attention_dispatch import attention_backend
 
-from pipelines.benchmark_utils import format_bytes
+from pipelines.benchmark_utils import TINY_CONFIG, TINY_ENCODER, format_bytes
 from pixelrepa_diffusers import JiTTransformer2DModel
 from pixelrepa_diffusers.commands import OneLineArgumentParser
 
@@ -39,9 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 # Backends of diffusers' dispatch worth timing on a Hopper GPU; those whose package or kernel is missing are skipped.
 CANDIDATE_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3", "sage",
                       "xformers")
-TINY_CONFIG = dict(sample_size=32, patch_size=8, hidden_size=64, num_layers=4, num_attention_heads=4, num_classes=10,
-                   bottleneck_dim=16, in_context_len=4, in_context_start=2)
-TINY_ENCODER = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4)
 H100_PEAK_TFLOPS = 989.0
 
 

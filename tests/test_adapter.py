@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from pipelines.benchmark_utils import TINY_CONFIG
 from pixelrepa_diffusers import JiTTransformer2DModel, MaskedTransformerAdapter
 from pixelrepa_diffusers.conversion import rename_official_keys
-from tests.conftest import TINY_CONFIG
 from tests.official_fixtures import load_fixture, official_state, our_config, relative_error
 
 

@@ -14,18 +14,18 @@ from diffusers.models.attention_dispatch import attention_backend
 
 from pipelines import benchmark_sampling, benchmark_solvers
 from pipelines.benchmark_utils import (
+    TINY_CONFIG,
+    TINY_ENCODER,
     adapter_flops,
     model_flops_utilization,
     training_flops,
     transformer_flops,
     vit_encoder_flops,
 )
-from tests.conftest import TINY_CONFIG
 from training import benchmark_checkpoint_memory, benchmark_data, benchmark_training
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path("/work/.mirror/kaist-cvml+PixelREPA/repo")
-TINY_ENCODER = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4)
 TRAINING_TEST_ENCODER = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2)
 # The tiny adapter of TINY_CONFIG, aligned to the 48-wide tiny encoder (so it has a projection head).
 TINY_ADAPTER = dict(sample_size=32, patch_size=8, hidden_size=64, num_layers=2, mlp_ratio=4.0, in_context_len=4,
@@ -265,7 +265,7 @@ def test_training_cli_against_the_official_code(tmp_path):
 
 
 def test_benchmark_solvers_writes_results_and_plot(tmp_path, capsys):
-    from tests.conftest import random_tiny_transformer
+    from tests.tiny_models import random_tiny_transformer
     from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
 
     PixelREPAPipeline(random_tiny_transformer(), JiTFlowMatchScheduler(), guidance_scale=2.0).save_pretrained(

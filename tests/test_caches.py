@@ -21,9 +21,10 @@ from diffusers.hooks import (
     TextKVCacheConfig,
 )
 
+from pipelines.benchmark_utils import TINY_CONFIG
 from pixelrepa_diffusers import JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline
 from pixelrepa_diffusers.scheduling_jit_flow_match import in_guidance_interval
-from tests.conftest import TINY_CONFIG, random_tiny_transformer
+from tests.tiny_models import random_tiny_transformer
 
 STEPS = 16  # Heun: 2 * 16 - 1 = 31 evaluations, the first 3 (t < 0.1) unguided, the other 28 guided
 GUIDANCE_INTERVAL = (0.1, 1.0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
-from tests.conftest import random_tiny_transformer
+from tests.tiny_models import random_tiny_transformer
 
 gr = pytest.importorskip("gradio", reason="the demo extra: pip install -e '.[demo]'")
 from gradio_client import Client  # noqa: E402

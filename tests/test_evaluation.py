@@ -32,7 +32,7 @@ from pixelrepa_diffusers.evaluation import (
     load_reference,
     to_uint8,
 )
-from tests.conftest import random_tiny_transformer
+from tests.tiny_models import random_tiny_transformer
 from tests.inception_helpers import random_smooth_images, save_random_inception_weights
 from tests.two_nodes import launch_two_nodes
 

@@ -9,7 +9,7 @@ import torch
 
 from pipelines import generate
 from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
-from tests.conftest import random_tiny_transformer
+from tests.tiny_models import random_tiny_transformer
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 

@@ -1,5 +1,6 @@
 """pipelines/gpu_check.py: its plan, backend probe, time limit and table on CPU; the tiny dry run end to end (slow)."""
 
+import importlib
 import importlib.util
 import json
 import subprocess
@@ -14,23 +15,32 @@ from pipelines import gpu_check
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_plan_measures_every_figure_of_the_issue():
+def test_every_planned_run_is_a_command_line_its_benchmark_accepts_and_measures_the_gpu_figures():
     args = gpu_check.parse_args(["--reference_repo", "PixelREPA", "--device", "cuda"])
     runs = gpu_check.plan(args, {"native": "ok", "_native_cudnn": "ok", "flash": "not usable"})
-    assert list(runs) == ["train_b16", "train_h16_ckpt", "sample_official", "sample_native", "sample__native_cudnn",
-                          "deviation_bf16_weights", "deviation_official", "deviation_bf16_sdpa"]
-    joined = {name: " ".join(command) for name, command in runs.items()}
-    assert joined["train_b16"].startswith("-m training.benchmark_training")
-    for flag in ("--model JiT-B/16", "--batch_size 128", "--compile", "--peak_tflops 989.0",
-                 "--reference_repo PixelREPA"):
-        assert flag in joined["train_b16"]
-    for flag in ("--model JiT-H/16", "--batch_size 128", "--gradient_checkpointing", "--skip_baseline"):
-        assert flag in joined["train_h16_ckpt"]
-    assert "--batch_size 256" in joined["sample_official"] and "--precision official" in joined["sample_official"]
-    assert "--reference_repo PixelREPA" in joined["sample_official"]
-    for name in ("native", "_native_cudnn"):
-        assert f"--attention_backend {name}" in joined[f"sample_{name}"] and "--dtype bf16" in joined[f"sample_{name}"]
-    assert all("--baseline_dtype fp32" in joined[name] for name in runs if name.startswith("deviation_"))
+    parsed = {}
+    for name, command in runs.items():
+        assert command[0] == "-m"
+        module = importlib.import_module(command[1])
+        parsed[name] = module.parse_args([*command[2:], "--output_json", "out.json"])  # exits on a flag it lacks
+        assert parsed[name].device == "cuda"
+    b16, h16, official = parsed["train_b16"], parsed["train_h16_ckpt"], parsed["sample_official"]
+    # Training: B/16 compiled in bf16 against the official code, H/16 with checkpointing (no baseline fits).
+    assert (b16.model, b16.batch_size, b16.mixed_precision, b16.compile, b16.reference_repo) == (
+        "JiT-B/16", 128, "bf16", True, "PixelREPA")
+    assert b16.peak_tflops == gpu_check.H100_PEAK_TFLOPS
+    assert (h16.model, h16.gradient_checkpointing, h16.skip_baseline) == ("JiT-H/16", True, True)
+    # Sampling: the official regime at batch 256 against the official code, then each usable backend in bf16.
+    assert (official.batch_size, official.precision, official.reference_repo) == (256, "official", "PixelREPA")
+    backends = {run.attention_backend: run for name, run in parsed.items() if name.startswith("sample_") and
+                run.attention_backend is not None}
+    assert sorted(backends) == ["_native_cudnn", "native"]
+    assert all(run.dtype == "bf16" and run.compile and run.batch_size == 256 for run in backends.values())
+    # Deviation from fp32: each of the three regimes once.
+    deviations = [parsed[name] for name in parsed if name.startswith("deviation_")]
+    assert all(run.baseline_dtype == "fp32" for run in deviations)
+    assert sorted((run.dtype, run.precision) for run in deviations) == [
+        ("bf16", "model"), ("fp32", "bf16_sdpa"), ("fp32", "official")]
 
 
 def test_backend_probe_runs_what_works_and_says_why_the_others_do_not():

@@ -14,10 +14,11 @@ from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load_file
 
+from pipelines.benchmark_utils import TINY_CONFIG
 import pixelrepa_diffusers.scheduling_jit_flow_match
 import pixelrepa_diffusers.transformer_jit
-from tests.conftest import TINY_CONFIG, random_tiny_transformer
 from tests.hub_server import LocalHub, unreachable_url
+from tests.tiny_models import random_tiny_transformer
 from pixelrepa_diffusers import JiTFlowMatchScheduler, MaskedTransformerAdapter, PixelREPAPipeline
 from pixelrepa_diffusers.hub import (
     CARD_VARIANTS,

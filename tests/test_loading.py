@@ -10,7 +10,7 @@ import torch
 
 from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
 from pixelrepa_diffusers.hub import push_pipeline_to_hub
-from tests.conftest import random_tiny_transformer
+from tests.tiny_models import random_tiny_transformer
 from tests.hub_server import LocalHub
 
 REPO_ID = "tester/tiny-variants"

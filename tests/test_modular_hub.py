@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
 from pixelrepa_diffusers.hub import push_pipeline_to_hub, upload_operations
 from pixelrepa_diffusers.modular_pixelrepa import PixelREPABlocks
-from tests.conftest import random_tiny_transformer
+from tests.tiny_models import random_tiny_transformer
 from tests.hub_server import LocalHub
 from tests.test_hub import subprocess_env, tiny_card
 

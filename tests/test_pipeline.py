@@ -10,7 +10,7 @@ from diffusers import (
 )
 
 from pixelrepa_diffusers import JiTFlowMatchScheduler, JiTTransformer2DModel, PixelREPAPipeline
-from tests.conftest import random_tiny_transformer
+from tests.tiny_models import random_tiny_transformer
 
 ID2LABEL = {i: name for i, name in enumerate(["zero", "one", "two", "three", "four, 4", "five", "six", "seven",
                                                "eight", "nine"])}

@@ -8,7 +8,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.callbacks import PipelineCallback
 
 from pixelrepa_diffusers import JiTFlowMatchScheduler, PixelREPAPipeline
-from tests.conftest import random_tiny_transformer
+from tests.tiny_models import random_tiny_transformer
 
 STEPS = 4  # Heun: 2 * 4 - 1 = 7 model evaluations, one callback each
 

@@ -10,7 +10,7 @@ from pixelrepa_diffusers.scheduling_jit_flow_match import log_integrating_factor
 from pixelrepa_diffusers.solver_search import (
     differentiable_log_integrating_factor, fit_solver, multistep2_solver, sample_with_searched_solver, search_solver,
 )
-from tests.conftest import random_tiny_transformer
+from tests.tiny_models import random_tiny_transformer
 
 GUIDANCE = dict(searched_guidance_scale=2.0, searched_guidance_interval=[0.1, 1.0])
 

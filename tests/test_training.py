@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import Dinov2Config, Dinov2Model
 
+from pipelines.benchmark_utils import TINY_CONFIG
 from pixelrepa_diffusers import PixelREPAPipeline
 from pixelrepa_diffusers.data import load_train_dataset
 from pixelrepa_diffusers.losses import JiTTrainingObjective
@@ -39,8 +40,7 @@ from training import prepare_dataset, train_pixelrepa
 REPO = Path(__file__).resolve().parent.parent
 
 SCRIPT = REPO / "training" / "train_pixelrepa.py"
-TINY_JIT = dict(sample_size=32, patch_size=8, hidden_size=64, num_layers=4, num_attention_heads=4, num_classes=3,
-                bottleneck_dim=16, in_context_len=4, in_context_start=2, dropout=0.1)
+TINY_JIT = {**TINY_CONFIG, "num_classes": 3, "dropout": 0.1}
 WEIGHT_FOLDERS = ("transformer", "adapter", "ema_1", "ema_2")
 
 

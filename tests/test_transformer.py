@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from pipelines.benchmark_utils import TINY_CONFIG
 from pixelrepa_diffusers import JIT_PRESETS, JiTFP32LogitsAttnProcessor, JiTTransformer2DModel
-from tests.conftest import TINY_CONFIG, random_tiny_transformer
+from tests.tiny_models import random_tiny_transformer
 
 
 @pytest.mark.parametrize("name, millions", [("JiT-B/16", 131), ("JiT-L/16", 459), ("JiT-H/16", 953)])
@@ -14,11 +15,20 @@ def test_preset_sizes_match_the_paper(name, millions):
     assert model.config.sample_size == 256 and model.num_patches == 256
 
 
-def test_all_presets_build_with_their_resolution():
-    for name, preset in JIT_PRESETS.items():
+# The papers' parameter counts of the /16 models, in millions.
+PAPER_PARAMETERS = {"JiT-B/16": 131, "JiT-L/16": 459, "JiT-H/16": 953}
+
+
+def test_all_presets_build_at_their_patch_size_and_resolution_with_the_papers_parameter_counts():
+    for name in JIT_PRESETS:
         with torch.device("meta"):
             model = JiTTransformer2DModel.from_preset(name)
-        assert model.num_patches == 256 and model.config.sample_size == preset["sample_size"]
+        patch_size = int(name.rpartition("/")[2])
+        # /16 models are the 256 px ones and /32 the 512 px ones: 16 x 16 patches each.
+        assert (model.config.patch_size, model.config.sample_size, model.num_patches) == (patch_size, 16 * patch_size,
+                                                                                            256)
+        if name in PAPER_PARAMETERS:
+            assert round(sum(parameter.numel() for parameter in model.parameters()) / 1e6) == PAPER_PARAMETERS[name]
 
 
 def test_unknown_preset_is_refused():

@@ -9,7 +9,9 @@ import shutil
 
 import torch
 from accelerate import init_empty_weights
-from accelerate.utils import load
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedType, load
+from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .serialization import pickled_code_refusal
@@ -21,6 +23,8 @@ TRAINING_STATE_NAME = "training_state.json"
 # The AdamW state of a training checkpoint converted from an official run, as `<parameter>.<field>` tensors.
 OPTIMIZER_MOMENTS_NAME = "optimizer_moments.safetensors"
 ADAMW_FIELDS = ("step", "exp_avg", "exp_avg_sq")
+
+logger = get_logger(__name__)
 
 
 class ExponentialMovingAverage:
@@ -121,7 +125,7 @@ def read_run_state(checkpoint: str, alignment: str, ema_decays: list[float]) -> 
 
 def load_model_folders(input_dir: str, trained, emas: list, transformer_config) -> None:
     """
-    Loads a checkpoint's transformer and aligner into `trained` (a PixelREPATrainingObjective; skipped when None)
+    Loads a checkpoint's transformer and aligner into `trained` (a JiTTrainingObjective; skipped when None)
     and its EMAs.
     """
     if trained is not None:
@@ -140,31 +144,62 @@ def load_model_folders(input_dir: str, trained, emas: list, transformer_config) 
 
 class TrainingCheckpointer:
     """
-    Saves and resumes a run with accelerate's save_state / load_state, whose hooks write the trained transformer,
-    its aligner and the EMAs as diffusers folders (full tensors, also under FSDP2) with the step and skipped image
-    count in training_state.json, and read them back.
+    Saves and resumes a run. Checkpoints go through accelerate's save_state / load_state, whose hooks write the
+    trained transformer, its aligner and the EMAs as diffusers folders (full tensors, also under FSDP2) with the step
+    and skipped image count in training_state.json, and read them back. A converted official run (conversion.py)
+    resumes from its weight folders and AdamW moments instead, at the step its finished epochs count.
     """
 
-    def __init__(self, accelerator, trained, emas: list):
+    def __init__(self, accelerator, checkpoint: str | None, alignment: str, ema_decays: list[float]):
+        """Reads the training state of `checkpoint`, the folder the run resumes from (None: a fresh start)."""
         self.accelerator = accelerator
-        self.trained = trained  # the unwrapped PixelREPATrainingObjective
-        self.emas = emas
+        self.checkpoint = checkpoint
+        self.run_state = None if checkpoint is None else read_run_state(checkpoint, alignment, ema_decays)
+        if self.official_epochs is not None and accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError(f"{checkpoint} is a converted official run; continue it under DDP or in one process "
+                             "(its AdamW state is loaded unsharded)")
+        self.trained, self.emas = None, []
         self.global_step = 0
         self.skipped_images = 0
         accelerator.register_save_state_pre_hook(self.save_model_hook)
         accelerator.register_load_state_pre_hook(self.load_model_hook)
 
+    @property
+    def official_epochs(self) -> int | None:
+        """The finished epochs of the converted official run the run resumes from; None for any other start."""
+        return None if self.run_state is None else self.run_state.get("official_epochs")
+
+    def schedule_start(self, steps_per_epoch: int) -> int:
+        """The optimizer step the lr schedule is built at: a converted official run's finished epochs in steps, else 0
+        (load_state restores the schedule of a checkpoint of ours)."""
+        return 0 if self.official_epochs is None else self.official_epochs * steps_per_epoch
+
+    def start(self, trained, emas: list, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> int:
+        """
+        Takes the trained module (the unwrapped JiTTrainingObjective) and the EMAs that checkpoints hold, restores
+        the checkpoint into them, the optimizer and accelerate's prepared objects (refusing pickled objects outside
+        the weights-only allow-list), and returns the optimizer step the run continues at.
+        """
+        self.trained, self.emas = trained, emas
+        if self.official_epochs is not None:
+            load_model_folders(self.checkpoint, trained, emas, trained.transformer.config)
+            load_adamw_moments(optimizer, trained,
+                               load_file(os.path.join(self.checkpoint, OPTIMIZER_MOMENTS_NAME)))
+            self.global_step = self.schedule_start(steps_per_epoch)
+            logger.info(f"Continuing the official run in {self.checkpoint} after {self.official_epochs} epochs, at "
+                        f"step {self.global_step}")
+        elif self.checkpoint is not None:
+            try:
+                self.accelerator.load_state(self.checkpoint)
+            except pickle.UnpicklingError as error:
+                raise pickled_code_refusal(self.checkpoint, error) from None
+            logger.info(f"Resumed from {self.checkpoint} at step {self.global_step}")
+        return self.global_step
+
     def save(self, output_dir: str, global_step: int, skipped_images: int, total_limit: int | None) -> str:
         """Writes `checkpoint-<global_step>` (see save_checkpoint); returns its path."""
         self.global_step, self.skipped_images = global_step, skipped_images
         return save_checkpoint(self.accelerator, output_dir, global_step, total_limit)
-
-    def resume(self, checkpoint: str) -> None:
-        """Restores the run saved in `checkpoint`, refusing pickled objects outside the weights-only allow-list."""
-        try:
-            self.accelerator.load_state(checkpoint)
-        except pickle.UnpicklingError as error:
-            raise pickled_code_refusal(checkpoint, error) from None
 
     def save_model_hook(self, models, weights, output_dir):
         trained, config = self.trained, self.trained.transformer.config

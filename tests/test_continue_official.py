@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
@@ -29,8 +30,7 @@ from pixelrepa_diffusers.training_utils import (
     OPTIMIZER_MOMENTS_NAME,
     TRAINING_STATE_NAME,
     ExponentialMovingAverage,
-    load_adamw_moments,
-    load_model_folders,
+    TrainingCheckpointer,
 )
 from training import train_pixelrepa
 
@@ -102,12 +102,15 @@ def test_one_step_from_an_official_checkpoint_equals_the_official_step(converted
     optimizer = torch.optim.AdamW(train_pixelrepa.optimizer_parameter_groups(objective, 0.0), lr=args.lr,
                                   betas=(0.9, 0.95), eps=1e-8, fused=True)
     steps_per_epoch = int(metadata["steps_per_epoch"])
-    start_step = (int(metadata["epoch"]) + 1) * steps_per_epoch
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    checkpointer = TrainingCheckpointer(Accelerator(), str(converted), "pixelrepa", [args.ema_decay1, args.ema_decay2])
+    start_step = checkpointer.schedule_start(steps_per_epoch)
+    assert start_step == (int(metadata["epoch"]) + 1) * steps_per_epoch
     lr_scheduler = train_pixelrepa.build_lr_scheduler("constant_with_warmup", optimizer,
                                                       args.warmup_epochs * steps_per_epoch,
                                                       args.epochs * steps_per_epoch, 1, start_step)
-    load_model_folders(converted, objective, emas, config)
-    load_adamw_moments(optimizer, objective, load_file(converted / OPTIMIZER_MOMENTS_NAME))
+    assert checkpointer.start(objective, emas, optimizer, steps_per_epoch) == start_step
     assert optimizer.param_groups[0]["lr"] == pytest.approx(float(metadata["lr"]), rel=1e-12)  # no second warm-up
 
     steps_before = official_checkpoint(tensors, metadata, args)["optimizer"]["state"][0]["step"]

@@ -25,7 +25,6 @@ from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.utils import make_image_grid
-from safetensors.torch import load_file
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from tqdm.auto import tqdm
 
@@ -41,16 +40,12 @@ from pixelrepa_diffusers.hub import (
 )
 from pixelrepa_diffusers.losses import JiTTrainingObjective
 from pixelrepa_diffusers.training_utils import (
-    OPTIMIZER_MOMENTS_NAME,
     TRAINING_STATE_NAME,
     ExponentialMovingAverage,
     LossMeter,
     NonFiniteLossError,
     TrainingCheckpointer,
     latest_checkpoint,
-    load_adamw_moments,
-    load_model_folders,
-    read_run_state,
     remove_incomplete_checkpoints,
     submodule_state,
     unsharded_copy,
@@ -494,11 +489,7 @@ def train(args):
             logger.info(f"Removed the incomplete checkpoint {path}")
     check_shared_folder(accelerator, args.output_dir, "--output_dir")
     checkpoint = resolve_checkpoint(args)
-    run_state = None if checkpoint is None else read_run_state(checkpoint, args.alignment, args.ema_decays)
-    official_epochs = None if run_state is None else run_state.get("official_epochs")
-    if official_epochs is not None and fsdp:
-        raise ValueError(f"{checkpoint} is a converted official run; continue it under DDP or in one process "
-                         "(its AdamW state is loaded unsharded)")
+    checkpointer = TrainingCheckpointer(accelerator, checkpoint, args.alignment, args.ema_decays)
 
     # Data: each node's main process builds the datasets cache; the node's other processes then read it
     with accelerator.local_main_process_first():
@@ -549,9 +540,8 @@ def train(args):
         optimizer_parameter_groups(objective, args.adam_weight_decay), lr=plan.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=True,
     )
-    start_step = 0 if official_epochs is None else official_epochs * plan.steps_per_epoch
     lr_scheduler = build_lr_scheduler(args.lr_scheduler, optimizer, plan.lr_warmup_steps, plan.max_train_steps,
-                                      accelerator.num_processes, start_step)
+                                      accelerator.num_processes, checkpointer.schedule_start(plan.steps_per_epoch))
     objective, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         objective, optimizer, train_dataloader, lr_scheduler
     )
@@ -560,22 +550,11 @@ def train(args):
     if encoder is not None:
         encoder.to(accelerator.device)  # frozen and outside the trained module: never sharded nor saved
     emas = [ExponentialMovingAverage(transformer, decay) for decay in args.ema_decays]
-    checkpointer = TrainingCheckpointer(accelerator, trained, emas)
 
     # Resume: a checkpoint of this script, a converted official run, or a fresh start
     set_seed(args.seed, device_specific=True)  # each process draws its own noise; a resume restores the RNGs
-    global_step = 0
-    if official_epochs is not None:
-        load_model_folders(checkpoint, trained, emas, transformer.config)
-        load_adamw_moments(optimizer, trained, load_file(os.path.join(checkpoint, OPTIMIZER_MOMENTS_NAME)))
-        global_step = start_step
-        logger.info(f"Continuing the official run in {checkpoint} after {official_epochs} epochs, at step "
-                    f"{start_step}")
-    elif checkpoint is not None:
-        checkpointer.resume(checkpoint)
-        global_step = checkpointer.global_step
-        logger.info(f"Resumed from {checkpoint} at step {global_step}")
-    elif args.resume_from_checkpoint == "latest":
+    global_step = checkpointer.start(trained, emas, optimizer, plan.steps_per_epoch)
+    if checkpoint is None and args.resume_from_checkpoint == "latest":
         logger.info(f"No checkpoint in {args.output_dir}; starting a new run")
     first_epoch = global_step // plan.steps_per_epoch
     batches_to_skip = (global_step % plan.steps_per_epoch) * args.gradient_accumulation_steps

@@ -28,12 +28,10 @@ class REPAProjector(ModelMixin, ConfigMixin):
 class Alignment:
     """
     A representation-alignment method: which backbone tokens its aligner reads and how, the aligner it trains, and
-    how a run of it is saved and described.
+    how a run of it is saved. Model cards describe it in hub.py, by its `name`.
     """
 
     name: str  # the --alignment choice
-    card_name: str  # the method as model cards name it
-    paper_method: str  # the method of the released variants whose guidance scale a run of it defaults to
     default_weight: float | None = None  # the alignment loss weight of the method's paper
     aligner_class: type | None = None
     folder: str | None = None  # the aligner's folder in checkpoints
@@ -62,21 +60,17 @@ class Alignment:
         """
         raise NotImplementedError(f"alignment {self.name!r} has no aligner.")
 
-    def card_text(self, depth: int, mask_ratio: float, encoder: str, weight: float | None) -> str | None:
-        """The "Alignment" row of a trained model's card (None without alignment)."""
-        return None
-
 
 class NoAlignment(Alignment):
     """Plain JiT: the v-loss only."""
 
-    name, card_name, paper_method = "none", "JiT", "JiT"
+    name = "none"
 
 
 class REPAAlignment(Alignment):
     """REPA: an MLP projector reads the image tokens after block `repa_depth` (default: in_context_start)."""
 
-    name, card_name, paper_method = "repa", "JiT+REPA", "JiT"
+    name = "repa"
     default_weight = 0.5
     aligner_class, folder = REPAProjector, "projector"
 
@@ -92,9 +86,6 @@ class REPAAlignment(Alignment):
     def features(self, aligner, tokens, t, labels):
         return aligner(tokens)
 
-    def card_text(self, depth, mask_ratio, encoder, weight):
-        return f"MLP projector on the tokens after block {depth}, cosine loss to {encoder}, weight {weight}"
-
 
 class PixelREPAAlignment(Alignment):
     """
@@ -102,7 +93,7 @@ class PixelREPAAlignment(Alignment):
     them replaced by the backbone's mask token.
     """
 
-    name, card_name, paper_method = "pixelrepa", "PixelREPA", "PixelREPA"
+    name = "pixelrepa"
     default_weight = 0.1
     aligner_class, folder = MaskedTransformerAdapter, "adapter"
     masks_tokens = exports_aligner = True
@@ -126,10 +117,6 @@ class PixelREPAAlignment(Alignment):
 
     def features(self, aligner, tokens, t, labels):
         return aligner(tokens, t, labels)
-
-    def card_text(self, depth, mask_ratio, encoder, weight):
-        return (f"Masked Transformer Adapter on the tokens after block {depth}, {mask_ratio:.0%} masked, cosine loss "
-                f"to {encoder}, weight {weight}")
 
 
 # The --alignment choices.

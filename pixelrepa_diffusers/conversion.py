@@ -1,6 +1,7 @@
 """Conversion of official PixelREPA / JiT checkpoints (checkpoint-last.pth) to diffusers pipelines."""
 
 import argparse
+import dataclasses
 import json
 import os
 import pickle
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 
 from .adapter_pixelrepa import MaskedTransformerAdapter
 from .alignment import ALIGNMENTS
-from .hub import CARD_VARIANTS, render_model_card, variant_card_settings
+from .hub import CARD_METHODS, CARD_VARIANTS, CardSettings, render_model_card, variant_card_settings
 from .pipeline_pixelrepa import PixelREPAPipeline
 from .scheduling_jit_flow_match import JiTFlowMatchScheduler
 from .serialization import pickled_code_refusal
@@ -295,7 +296,7 @@ def imagenet_id2label(num_classes: int) -> dict[int, str]:
 
 def official_variant(checkpoint: dict, model: str | None = None) -> str | None:
     """The name ("PixelREPA-B/16", "JiT-H/32", ...) of the released variant a checkpoint is of, else None."""
-    method = FORMAT_ALIGNMENTS[checkpoint_format(checkpoint)].card_name
+    method = CARD_METHODS[FORMAT_ALIGNMENTS[checkpoint_format(checkpoint)].name]
     key = (method, model or getattr(checkpoint["args"], "model", None))
     return CARD_VARIANTS[key]["name"] if key in CARD_VARIANTS else None
 
@@ -314,13 +315,13 @@ def convert_official_checkpoint(checkpoint_path: str, output_dir: str, weights: 
     config = {key: value for key, value in transformer.config.items() if not key.startswith("_")}
     adapter = adapter_from_checkpoint(checkpoint, config)
 
-    method = FORMAT_ALIGNMENTS[checkpoint_format(checkpoint)].card_name
+    method = CARD_METHODS[FORMAT_ALIGNMENTS[checkpoint_format(checkpoint)].name]
     variant = official_variant(checkpoint, model)
     repo_id = f"<user>/{os.path.basename(os.path.abspath(output_dir))}"
     if variant is not None:
         card_settings = variant_card_settings(variant, repo_id=repo_id, weights=weights)
     else:
-        card_settings = dict(
+        card_settings = CardSettings(
             model_name=os.path.basename(os.path.abspath(output_dir)),
             repo_id=repo_id,
             method=method,
@@ -333,19 +334,19 @@ def convert_official_checkpoint(checkpoint_path: str, output_dir: str, weights: 
             noise_scale=float(getattr(args, "noise_scale", 1.0)),
         )
     if guidance_scale is not None:
-        card_settings["guidance_scale"] = guidance_scale
+        card_settings = dataclasses.replace(card_settings, guidance_scale=guidance_scale)
     scheduler = JiTFlowMatchScheduler(
-        solver=card_settings["solver"],
+        solver=card_settings.solver,
         t_eps=float(getattr(args, "t_eps", 0.05)),
-        noise_scale=card_settings["noise_scale"],
+        noise_scale=card_settings.noise_scale,
     )
-    card = render_model_card(**card_settings)
+    card = render_model_card(card_settings)
     pipeline = PixelREPAPipeline(
         transformer=transformer,
         scheduler=scheduler,
         id2label=imagenet_id2label(config["num_classes"]),
-        guidance_scale=card_settings["guidance_scale"],
-        guidance_interval=card_settings["guidance_interval"],
+        guidance_scale=card_settings.guidance_scale,
+        guidance_interval=card_settings.guidance_interval,
     )
     write_atomically(output_dir, lambda tmp: save_converted(tmp, pipeline, adapter, card))
     return pipeline

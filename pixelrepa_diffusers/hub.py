@@ -4,6 +4,7 @@ import importlib
 import importlib.resources
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -21,7 +22,8 @@ from .transformer_jit import JIT_PRESETS
 TEMPLATE_PATH = Path(str(importlib.resources.files("pixelrepa_diffusers.model_cards") / "template.md"))
 # The card's sample grid, in the pipeline folder and the repo.
 SAMPLE_GRID_FILE = "samples.png"
-METHODS = tuple(method.card_name for method in ALIGNMENTS.values())
+# The method of each --alignment choice (alignment.ALIGNMENTS) as model cards name it.
+CARD_METHODS = {"none": "JiT", "repa": "JiT+REPA", "pixelrepa": "PixelREPA"}
 PAPERS = {
     "PixelREPA": ("the PixelREPA paper (arXiv 2603.14366)", "https://arxiv.org/abs/2603.14366"),
     "JiT": ("the JiT paper (arXiv 2511.13720)", "https://arxiv.org/abs/2511.13720"),
@@ -65,35 +67,15 @@ UPLOADED_SUFFIXES = (".safetensors", ".json")
 EXTRA_MODEL_FOLDERS = tuple(method.folder for method in ALIGNMENTS.values() if method.exports_aligner)
 
 
-def render_model_card(
-    *,
-    model_name: str,
-    repo_id: str,
-    method: str,
-    architecture: dict,
-    training: dict,
-    weights_source: str,
-    guidance_scale: float,
-    guidance_interval: tuple[float, float] = GUIDANCE_INTERVAL,
-    num_inference_steps: int = 50,
-    solver: str = "heun",
-    noise_scale: float = 1.0,
-    dataset: str | None = "imagenet-1k",
-    fid: float | None = None,
-    inception_score: float | None = None,
-    fid_statistics: str | None = None,
-    metrics_source: str | None = None,
-    metrics_source_url: str | None = None,
-    license: str = "mit",
-    sample_grid: dict | None = None,
-) -> ModelCard:
+@dataclass(frozen=True)
+class CardSettings:
     """
-    The model card (README.md) of a pipeline, filled from model_cards/template.md.
+    What the model card of a pipeline says of the model, its training and its sampling (see `render_model_card`).
 
     Args:
         model_name: card title, e.g. "PixelREPA-B/16".
         repo_id: Hub id shown in the usage snippet.
-        method: "JiT", "JiT+REPA" or "PixelREPA": how the backbone was trained.
+        method: "JiT", "JiT+REPA" or "PixelREPA" (a value of `CARD_METHODS`): how the backbone was trained.
         architecture: the transformer's config (sample_size, patch_size, hidden_size, num_layers,
             num_attention_heads, bottleneck_dim, in_context_start, num_classes).
         training: the training recipe, shown as a table of setting -> value.
@@ -104,71 +86,130 @@ def render_model_card(
             (e.g. "as reported by the PixelREPA paper"), and optionally `metrics_source_url` and `fid_statistics`
             (the reference statistics file, e.g. "fid_stats/jit_in256_stats.npz").
         license: license id of the weights.
-        sample_grid: what `write_sample_grid` returned, to show its grid; None: the card shows no samples.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-    if solver not in JiTFlowMatchScheduler.SOLVERS:
-        raise ValueError(f"solver must be one of {JiTFlowMatchScheduler.SOLVERS}, got {solver!r}.")
-    check_guidance_interval(guidance_interval)
-    if (fid is None) != (metrics_source is None):
-        raise ValueError("fid and metrics_source must be given together, or both left out.")
-    if fid is None and (inception_score is not None or fid_statistics is not None):
-        raise ValueError("inception_score and fid_statistics need fid.")
-    if fid is not None and dataset is None:
-        raise ValueError("fid and inception_score need the Hub dataset id they were measured on (dataset).")
-    resolution, num_classes = architecture["sample_size"], architecture["num_classes"]
-    eval_results = None
-    if fid is not None:
-        eval_results = [
-            EvalResult(
-                task_type="unconditional-image-generation",
-                task_name="Class-conditional image generation",
-                dataset_type=dataset,
-                dataset_name=f"{dataset} {resolution}x{resolution}",
-                metric_type=metric_type,
-                metric_name=metric_name,
-                metric_value=value,
-                source_name=metrics_source,
-                source_url=metrics_source_url,
-            )
-            for metric_type, metric_name, value in (
-                ("fid", "FID-50K", fid),
-                ("inception_score", "Inception Score", inception_score),
-            )
-            if value is not None
-        ]
-    card_data = ModelCardData(
+
+    model_name: str
+    repo_id: str
+    method: str
+    architecture: dict
+    training: dict
+    weights_source: str
+    guidance_scale: float
+    guidance_interval: tuple[float, float] = GUIDANCE_INTERVAL
+    num_inference_steps: int = NUM_INFERENCE_STEPS
+    solver: str = "heun"
+    noise_scale: float = 1.0
+    dataset: str | None = "imagenet-1k"
+    fid: float | None = None
+    inception_score: float | None = None
+    fid_statistics: str | None = None
+    metrics_source: str | None = None
+    metrics_source_url: str | None = None
+    license: str = "mit"
+
+    def __post_init__(self):
+        methods = tuple(CARD_METHODS.values())
+        if self.method not in methods:
+            raise ValueError(f"method must be one of {methods}, got {self.method!r}.")
+        if self.solver not in JiTFlowMatchScheduler.SOLVERS:
+            raise ValueError(f"solver must be one of {JiTFlowMatchScheduler.SOLVERS}, got {self.solver!r}.")
+        check_guidance_interval(self.guidance_interval)
+        if (self.fid is None) != (self.metrics_source is None):
+            raise ValueError("fid and metrics_source must be given together, or both left out.")
+        if self.fid is None and (self.inception_score is not None or self.fid_statistics is not None):
+            raise ValueError("inception_score and fid_statistics need fid.")
+        if self.fid is not None and self.dataset is None:
+            raise ValueError("fid and inception_score need the Hub dataset id they were measured on (dataset).")
+
+
+def render_model_card(settings: CardSettings, sample_grid: dict | None = None) -> ModelCard:
+    """
+    The model card (README.md) of a pipeline, filled from model_cards/template.md; with `sample_grid` (what
+    `write_sample_grid` returned) it shows that grid.
+    """
+    return ModelCard.from_template(
+        card_metadata(settings),
+        template_path=str(TEMPLATE_PATH),
+        **card_description(settings),
+        samples_section="" if sample_grid is None else sample_grid_markdown(sample_grid),
+        **card_sampling(settings),
+        **card_results(settings),
+        architecture=settings.architecture,
+        training=settings.training,
+    )
+
+
+def card_metadata(settings: CardSettings) -> ModelCardData:
+    """The card's metadata header: library, task, license, dataset, tags and the reported metrics."""
+    return ModelCardData(
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation",
-        license=license,
-        datasets=None if dataset is None else [dataset],
-        tags=["pixelrepa-diffusers", *method.lower().split("+"), "class-conditional", "pixel-space-diffusion"],
-        model_name=model_name,
-        eval_results=eval_results,
+        license=settings.license,
+        datasets=None if settings.dataset is None else [settings.dataset],
+        tags=["pixelrepa-diffusers", *settings.method.lower().split("+"), "class-conditional", "pixel-space-diffusion"],
+        model_name=settings.model_name,
+        eval_results=card_eval_results(settings),
     )
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(TEMPLATE_PATH),
-        model_name=model_name,
-        repo_id=repo_id,
-        method=method,
-        architecture=architecture,
-        resolution=resolution,
+
+
+def card_eval_results(settings: CardSettings) -> list[EvalResult] | None:
+    """The metadata's FID-50K and IS results (None without metrics)."""
+    if settings.fid is None:
+        return None
+    resolution = settings.architecture["sample_size"]
+    return [
+        EvalResult(
+            task_type="unconditional-image-generation",
+            task_name="Class-conditional image generation",
+            dataset_type=settings.dataset,
+            dataset_name=f"{settings.dataset} {resolution}x{resolution}",
+            metric_type=metric_type,
+            metric_name=metric_name,
+            metric_value=value,
+            source_name=settings.metrics_source,
+            source_url=settings.metrics_source_url,
+        )
+        for metric_type, metric_name, value in (
+            ("fid", "FID-50K", settings.fid),
+            ("inception_score", "Inception Score", settings.inception_score),
+        )
+        if value is not None
+    ]
+
+
+def card_description(settings: CardSettings) -> dict:
+    """The template values of the card's title, description and usage snippet."""
+    num_classes = settings.architecture["num_classes"]
+    return dict(
+        model_name=settings.model_name,
+        method=settings.method,
+        resolution=settings.architecture["sample_size"],
         num_classes=num_classes,
+        weights_source=settings.weights_source,
+        repo_id=settings.repo_id,
         example_labels=list(range(min(4, num_classes))),
-        training=training,
-        weights_source=weights_source,
-        guidance_scale=guidance_scale,
-        guidance_interval=guidance_interval,
-        num_inference_steps=num_inference_steps,
-        solver_label=JiTFlowMatchScheduler.SOLVER_LABELS[solver],
-        noise_scale=noise_scale,
-        fid=fid,
-        inception_score=inception_score,
-        fid_statistics=fid_statistics,
-        metrics_source_link=f"[{metrics_source}]({metrics_source_url})" if metrics_source_url else metrics_source,
-        samples_section="" if sample_grid is None else sample_grid_markdown(sample_grid),
+    )
+
+
+def card_sampling(settings: CardSettings) -> dict:
+    """The template values of the card's Sampling settings table."""
+    return dict(
+        solver_label=JiTFlowMatchScheduler.SOLVER_LABELS[settings.solver],
+        num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale,
+        guidance_interval=settings.guidance_interval,
+        noise_scale=settings.noise_scale,
+    )
+
+
+def card_results(settings: CardSettings) -> dict:
+    """The template values of the card's Results section; the source is a link where it has a URL."""
+    source = settings.metrics_source
+    return dict(
+        fid=settings.fid,
+        inception_score=settings.inception_score,
+        fid_statistics=settings.fid_statistics,
+        metrics_source_link=f"[{source}]({settings.metrics_source_url})" if settings.metrics_source_url else source,
     )
 
 
@@ -234,6 +275,30 @@ def training_recipe(
     return recipe
 
 
+def alignment_card_text(
+    alignment: str, depth: int, mask_ratio: float, encoder: str, weight: float | None
+) -> str | None:
+    """The "Alignment" row of the card of a model trained with the --alignment choice `alignment` (None for "none")."""
+    if alignment == "repa":
+        return f"MLP projector on the tokens after block {depth}, cosine loss to {encoder}, weight {weight}"
+    if alignment == "pixelrepa":
+        return (f"Masked Transformer Adapter on the tokens after block {depth}, {mask_ratio:.0%} masked, cosine loss "
+                f"to {encoder}, weight {weight}")
+    return None
+
+
+def released_variant(alignment: str, backbone: str) -> dict | None:
+    """
+    The released variant (`CARD_VARIANTS` entry) whose sampler a run of the --alignment choice `alignment` on
+    `backbone` defaults to: its method's where that method has released variants, else plain JiT's (REPA's); None
+    where that method has no variant of `backbone`.
+    """
+    method = CARD_METHODS[alignment]
+    if method not in {released for released, _ in CARD_VARIANTS}:
+        method = CARD_METHODS["none"]
+    return CARD_VARIANTS.get((method, backbone))
+
+
 def paper_recipe(method: str, backbone: str) -> dict:
     """The official 600-epoch ImageNet training recipe of a variant, as a card table."""
     resolution = JIT_PRESETS[backbone]["sample_size"]
@@ -266,9 +331,9 @@ def paper_recipe(method: str, backbone: str) -> dict:
     )
 
 
-def variant_card_settings(variant: str, repo_id: str, weights: str = "ema1") -> dict:
+def variant_card_settings(variant: str, repo_id: str, weights: str = "ema1") -> CardSettings:
     """
-    `render_model_card` settings for a converted official checkpoint of the `CARD_VARIANTS` entry named `variant`,
+    The card settings of a converted official checkpoint of the `CARD_VARIANTS` entry named `variant`,
     holding `weights` (ema1, ema2 or model); the papers' metrics are shown only for ema1, the weights they were
     measured with.
     """
@@ -289,7 +354,7 @@ def variant_card_settings(variant: str, repo_id: str, weights: str = "ema1") -> 
             metrics_source=f"as reported by {paper_name}",
             metrics_source_url=paper_url,
         )
-    return dict(
+    return CardSettings(
         model_name=variant,
         repo_id=repo_id,
         method=method,
@@ -313,7 +378,7 @@ def write_variant_cards(directory: str | Path = TEMPLATE_PATH.parent) -> list[Pa
     paths = []
     for variant in VARIANT_KEYS:
         path = Path(directory) / f"{variant.replace('/', '-')}.md"
-        render_model_card(**variant_card_settings(variant, f"<user>/{path.stem}")).save(path)
+        render_model_card(variant_card_settings(variant, f"<user>/{path.stem}")).save(path)
         paths.append(path)
     return paths
 

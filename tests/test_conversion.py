@@ -372,18 +372,18 @@ PUBLISHED_SAMPLERS = {  # guidance scale, noise scale (PixelREPA README; JiT REA
 @pytest.mark.parametrize("variant", PUBLISHED_SAMPLERS)
 def test_released_variants_default_to_their_published_sampler(variant):
     settings = variant_card_settings(variant, "<user>/x")
-    assert (settings["guidance_scale"], settings["noise_scale"]) == PUBLISHED_SAMPLERS[variant]
-    assert settings["guidance_interval"] == (0.1, 1.0) and settings["num_inference_steps"] == 50
-    assert settings["solver"] == "heun"
-    assert settings["fid_statistics"] == f"fid_stats/jit_in{settings['architecture']['sample_size']}_stats.npz"
-    assert "(EMA 0.9999)" in settings["weights_source"]
+    assert (settings.guidance_scale, settings.noise_scale) == PUBLISHED_SAMPLERS[variant]
+    assert settings.guidance_interval == (0.1, 1.0) and settings.num_inference_steps == 50
+    assert settings.solver == "heun"
+    assert settings.fid_statistics == f"fid_stats/jit_in{settings.architecture['sample_size']}_stats.npz"
+    assert "(EMA 0.9999)" in settings.weights_source
 
 
 @pytest.mark.parametrize("weights, described", [("ema2", "EMA 0.9996"), ("model", "the raw training weights")])
 def test_cards_of_other_weights_leave_the_papers_metrics_out(weights, described):
     settings = variant_card_settings("JiT-H/32", "<user>/x", weights=weights)
-    assert f"({described}" in settings["weights_source"] and "fid" not in settings
-    card = render_model_card(**settings)
+    assert f"({described}" in settings.weights_source and settings.fid is None
+    card = render_model_card(settings)
     assert card.data.eval_results is None and "Not measured yet" in card.text
     assert "| Initial noise scale | 2.0 |" in card.text
 

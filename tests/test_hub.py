@@ -20,9 +20,14 @@ import pixelrepa_diffusers.transformer_jit
 from tests.hub_server import LocalHub, unreachable_url
 from tests.tiny_models import random_tiny_transformer
 from pixelrepa_diffusers import JiTFlowMatchScheduler, MaskedTransformerAdapter, PixelREPAPipeline
+from pixelrepa_diffusers.alignment import ALIGNMENTS
 from pixelrepa_diffusers.hub import (
+    CARD_METHODS,
     CARD_VARIANTS,
+    CardSettings,
+    alignment_card_text,
     push_pipeline_to_hub,
+    released_variant,
     remote_code_files,
     render_model_card,
     training_recipe,
@@ -112,11 +117,11 @@ def pipeline_dir(tmp_path_factory) -> Path:
 
 
 def tiny_card(repo_id: str) -> ModelCard:
-    return render_model_card(
+    return render_model_card(CardSettings(
         model_name="Tiny PixelREPA", repo_id=repo_id, method="PixelREPA", architecture=TINY_CONFIG,
         training={"Steps": 10, "Global batch": 8}, weights_source="Trained for a test.", guidance_scale=2.0,
         dataset="digits",
-    )
+    ))
 
 
 def folder_state(folder: Path) -> dict:
@@ -171,6 +176,25 @@ def test_variants_are_keyed_by_method_and_backbone():
     assert all(backbone in JIT_PRESETS for _, backbone in CARD_VARIANTS)
 
 
+def test_cards_name_each_alignment_method_and_describe_its_aligner():
+    assert CARD_METHODS == {"none": "JiT", "repa": "JiT+REPA", "pixelrepa": "PixelREPA"}
+    assert list(CARD_METHODS) == list(ALIGNMENTS)
+    assert alignment_card_text("none", 2, 0.2, "dinov2", None) is None
+    assert alignment_card_text("repa", 3, 0.2, "dinov2", 0.5) == (
+        "MLP projector on the tokens after block 3, cosine loss to dinov2, weight 0.5")
+    assert alignment_card_text("pixelrepa", 2, 0.25, "dinov2", 0.1) == (
+        "Masked Transformer Adapter on the tokens after block 2, 25% masked, cosine loss to dinov2, weight 0.1")
+
+
+@pytest.mark.parametrize("alignment, backbone, variant", [
+    ("pixelrepa", "JiT-L/16", "PixelREPA-L/16"), ("repa", "JiT-L/16", "JiT-L/16"), ("none", "JiT-H/32", "JiT-H/32"),
+    ("pixelrepa", "JiT-B/32", None),
+])
+def test_a_run_defaults_to_its_methods_released_variant_else_plain_jits(alignment, backbone, variant):
+    released = released_variant(alignment, backbone)
+    assert (None if released is None else released["name"]) == variant
+
+
 def test_training_recipe_takes_the_length_in_epochs_or_steps():
     common = dict(data="d", optimizer="o", learning_rate="l", p_mean=-0.8, p_std=0.8, t_eps=0.05, noise_scale=2.0,
                   label_dropout="0.1", ema="e", precision="p")
@@ -209,7 +233,7 @@ def test_render_model_card_rejects_bad_settings(override, message):
         weights_source="x", guidance_scale=1.0,
     )
     with pytest.raises(ValueError, match=message):
-        render_model_card(**{**settings, **override})
+        render_model_card(CardSettings(**{**settings, **override}))
 
 
 def test_remote_code_files_are_the_package_source(pipeline_dir):
@@ -334,7 +358,7 @@ def test_push_cli_renders_a_sample_grid_with_the_pipelines_sampler_into_the_card
 
 
 def test_a_card_without_a_grid_says_nothing_of_one_and_uploads_no_image(pipeline_dir, monkeypatch):
-    card = render_model_card(**variant_card_settings("PixelREPA-B/16", REPO_ID))
+    card = render_model_card(variant_card_settings("PixelREPA-B/16", REPO_ID))
     assert "## Samples" not in card.text and "samples.png" not in card.text
     assert "samples.png" not in {operation.path_in_repo for operation in upload_operations(pipeline_dir, REPO_ID)}
 

@@ -146,13 +146,13 @@ def test_alignment_without_targets_is_refused():
         objective(tensors["input.x"], tensors["input.y"], draws=fixture_draws(tensors))
 
 
-def test_each_alignment_method_owns_its_defaults_folder_and_card_name():
+def test_each_alignment_method_owns_its_defaults_and_folder():
     assert list(ALIGNMENTS) == ["none", "repa", "pixelrepa"]
-    assert {name: (method.card_name, method.default_weight, method.folder, method.masks_tokens)
+    assert {name: (method.default_weight, method.folder, method.masks_tokens)
             for name, method in ALIGNMENTS.items()} == {
-        "none": ("JiT", None, None, False),
-        "repa": ("JiT+REPA", 0.5, "projector", False),
-        "pixelrepa": ("PixelREPA", 0.1, "adapter", True),
+        "none": (None, None, False),
+        "repa": (0.5, "projector", False),
+        "pixelrepa": (0.1, "adapter", True),
     }
     assert [name for name, method in ALIGNMENTS.items() if method.exports_aligner] == ["pixelrepa"]
 

@@ -46,7 +46,7 @@ def test_installed_wheel_converts_generates_and_renders_a_card(tmp_path):
         "--num_inference_steps", "2", "--output_dir", "samples")
     assert sorted(path.name for path in (tmp_path / "samples").iterdir()) == ["0000-1.png", "0001-2.png", "grid.png"]
     card = run(venv_bin / "python", "-c", "from pixelrepa_diffusers.hub import render_model_card, variant_card_settings;"
-               " print(render_model_card(**variant_card_settings('PixelREPA-H/16', 'u/PixelREPA-H-16')))")
+               " print(render_model_card(variant_card_settings('PixelREPA-H/16', 'u/PixelREPA-H-16')))")
     assert "PixelREPA-H/16" in card and "1.81" in card  # the packaged template, filled with the paper's H/16 FID
     for command in ("pixelrepa-convert", "pixelrepa-generate", "pixelrepa-evaluate", "pixelrepa-push"):
         run(venv_bin / command, "--help")

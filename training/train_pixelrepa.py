@@ -36,7 +36,8 @@ from pixelrepa_diffusers.distributed import check_shared_folder
 from pixelrepa_diffusers.encoders import load_alignment_encoder
 from pixelrepa_diffusers.scheduling_jit_flow_match import GUIDANCE_INTERVAL
 from pixelrepa_diffusers.hub import (
-    CARD_VARIANTS, push_pipeline_to_hub, render_model_card, training_recipe, write_sample_grid,
+    CARD_METHODS, CardSettings, alignment_card_text, push_pipeline_to_hub, released_variant, render_model_card,
+    training_recipe, write_sample_grid,
 )
 from pixelrepa_diffusers.losses import JiTTrainingObjective
 from pixelrepa_diffusers.training_utils import (
@@ -312,7 +313,7 @@ def default_guidance_scale(args):
         return PixelREPAPipeline.load_config(args.init_from_pretrained)["guidance_scale"]
     if args.model_config_path is not None:
         return 1.0
-    variant = CARD_VARIANTS.get((ALIGNMENTS[args.alignment].paper_method, args.model))
+    variant = released_variant(args.alignment, args.model)
     return 1.0 if variant is None else variant["guidance_scale"]
 
 
@@ -395,20 +396,23 @@ def save_final_outputs(args, plan, ema_transformer, aligner, alignment_depth, id
         label_dropout=f"{args.label_dropout}",
         ema=f"{args.ema_decays[0]} (these weights)" + "".join(f", {decay}" for decay in args.ema_decays[1:]),
         precision=args.mixed_precision,
-        alignment=method.card_text(alignment_depth, args.mask_ratio, args.encoder, plan.alignment_weight),
+        alignment=alignment_card_text(args.alignment, alignment_depth, args.mask_ratio, args.encoder,
+                                      plan.alignment_weight),
     )
     repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
     card = render_model_card(
-        model_name=repo_id.split("/")[-1],
-        repo_id=repo_id,
-        method=method.card_name,
-        architecture=dict(ema_transformer.config),
-        training=training,
-        weights_source=(f"Trained with pixelrepa-diffusers' training/train_pixelrepa.py for {global_step} steps; "
-                        f"the weights are the EMA with decay {args.ema_decays[0]}."),
-        guidance_scale=plan.guidance_scale,
-        noise_scale=args.noise_scale,
-        dataset=hub_dataset_id(args),
+        CardSettings(
+            model_name=repo_id.split("/")[-1],
+            repo_id=repo_id,
+            method=CARD_METHODS[args.alignment],
+            architecture=dict(ema_transformer.config),
+            training=training,
+            weights_source=(f"Trained with pixelrepa-diffusers' training/train_pixelrepa.py for {global_step} steps; "
+                            f"the weights are the EMA with decay {args.ema_decays[0]}."),
+            guidance_scale=plan.guidance_scale,
+            noise_scale=args.noise_scale,
+            dataset=hub_dataset_id(args),
+        ),
         sample_grid=grid,
     )
     card.save(os.path.join(args.output_dir, "README.md"))

@@ -49,7 +49,7 @@ def push(args) -> None:
         grid = write_sample_grid(pipeline, args.pipeline_dir, args.sample_grid, seeds=[0, 1])
     card = None
     if args.card_variant is not None:
-        card = render_model_card(**variant_card_settings(args.card_variant, args.hub_model_id), sample_grid=grid)
+        card = render_model_card(variant_card_settings(args.card_variant, args.hub_model_id), sample_grid=grid)
     elif grid is not None:
         card = ModelCard.load(Path(args.pipeline_dir) / "README.md")
         if "## Sampling settings" not in card.text:

@@ -289,9 +289,9 @@ def alignment_card_text(
 
 def released_variant(alignment: str, backbone: str) -> dict | None:
     """
-    The released variant (`CARD_VARIANTS` entry) whose sampler a run of the --alignment choice `alignment` on
-    `backbone` defaults to: its method's where that method has released variants, else plain JiT's (REPA's); None
-    where that method has no variant of `backbone`.
+    The released variant (`CARD_VARIANTS` entry) whose guidance scale a run of the --alignment choice `alignment` on
+    `backbone` defaults to: its method's, or plain JiT's for a method with none released (REPA); None where there is
+    no such variant of `backbone`.
     """
     method = CARD_METHODS[alignment]
     if method not in {released for released, _ in CARD_VARIANTS}:

@@ -83,8 +83,9 @@ class CardSettings:
         guidance_scale, guidance_interval, num_inference_steps, solver, noise_scale: the sampling settings.
         dataset: Hub dataset id of the training data; None (e.g. a local folder) leaves it out of the metadata.
         fid, inception_score: FID-50K and optionally IS, given with `metrics_source`, which says who measured them
-            (e.g. "as reported by the PixelREPA paper"), and optionally `metrics_source_url` and `fid_statistics`
-            (the reference statistics file, e.g. "fid_stats/jit_in256_stats.npz").
+            (e.g. "as reported by the PixelREPA paper"), and `metrics_source_url`, where (the Hub's eval results
+            need both); optionally `fid_statistics` (the reference statistics file, e.g.
+            "fid_stats/jit_in256_stats.npz").
         license: license id of the weights.
     """
 
@@ -114,8 +115,8 @@ class CardSettings:
         if self.solver not in JiTFlowMatchScheduler.SOLVERS:
             raise ValueError(f"solver must be one of {JiTFlowMatchScheduler.SOLVERS}, got {self.solver!r}.")
         check_guidance_interval(self.guidance_interval)
-        if (self.fid is None) != (self.metrics_source is None):
-            raise ValueError("fid and metrics_source must be given together, or both left out.")
+        if not (self.fid is None) == (self.metrics_source is None) == (self.metrics_source_url is None):
+            raise ValueError("fid, metrics_source and metrics_source_url must be given together, or all left out.")
         if self.fid is None and (self.inception_score is not None or self.fid_statistics is not None):
             raise ValueError("inception_score and fid_statistics need fid.")
         if self.fid is not None and self.dataset is None:
@@ -203,13 +204,12 @@ def card_sampling(settings: CardSettings) -> dict:
 
 
 def card_results(settings: CardSettings) -> dict:
-    """The template values of the card's Results section; the source is a link where it has a URL."""
-    source = settings.metrics_source
+    """The template values of the card's Results section."""
     return dict(
         fid=settings.fid,
         inception_score=settings.inception_score,
         fid_statistics=settings.fid_statistics,
-        metrics_source_link=f"[{source}]({settings.metrics_source_url})" if settings.metrics_source_url else source,
+        metrics_source_link=f"[{settings.metrics_source}]({settings.metrics_source_url})",
     )
 
 

@@ -223,8 +223,10 @@ def test_card_of_a_trained_model_without_metrics_parses():
         (dict(method="DiT"), "method must be one of"),
         (dict(guidance_interval=(0.5, 0.2)), "guidance_interval"),
         (dict(fid=3.0, inception_score=280.0), "must be given together"),
+        (dict(fid=3.0, metrics_source="measured"), "metrics_source_url must be given together"),
         (dict(inception_score=280.0), "need fid"),
-        (dict(fid=3.0, inception_score=280.0, metrics_source="measured", dataset=None), "need the Hub dataset id"),
+        (dict(fid=3.0, inception_score=280.0, metrics_source="measured", metrics_source_url="https://example.org",
+              dataset=None), "need the Hub dataset id"),
     ],
 )
 def test_render_model_card_rejects_bad_settings(override, message):

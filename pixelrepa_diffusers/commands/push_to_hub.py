@@ -37,8 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sample_grid", type=int, nargs="*", default=None, metavar="CLASS",
                         help="render a grid of these classes (default when given bare: the first 4), 2 seeds each, "
                              "with the pipeline's own sampler into the folder's samples.png and show it in the card. "
-                             "8 images of 50 Heun steps by default: seconds on a GPU, about 2 hours for H/16 on a 2-core "
-                             "CPU")
+                             "8 images of 50 Heun steps by default: seconds on a GPU, about 2 hours for H/16 on a "
+                             "2-core CPU")
     parser.add_argument("--commit_message", default="Upload pipeline with pixelrepa-diffusers")
     return parser.parse_args(argv)
 

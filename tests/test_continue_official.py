@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +213,24 @@ def test_continuing_with_other_flags_is_refused_before_any_step(run_assets, conv
                         "13", *extra) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("train_pixelrepa.py: error: ") and message in error
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_continuing_under_fsdp2_is_refused_before_any_step(run_assets, converted, tmp_path):
+    # Its AdamW moments are loaded unsharded, so an official run continues under DDP or in one process only.
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(REPO / "training" / "configs" / "accelerate_fsdp.yaml"), "--num_processes", "2", "--main_process_port",
+        "0", str(REPO / "tests" / "fsdp_on_cpu.py"), str(REPO / "training" / "train_pixelrepa.py"),
+        "--train_data_dir", str(run_assets / "data"), "--resolution", "32", "--encoder", str(run_assets / "dinov2"),
+        "--encoder_resolution", "32", "--encoder_patch_size", "8", "--train_batch_size", "2", "--report_to", "none",
+        "--ema_decays", "0.9", "0.5", "--resume_from_checkpoint", str(converted), "--output_dir", str(tmp_path / "out"),
+    ]
+    result = subprocess.run(command, env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert (f"train_pixelrepa.py: error: {converted} is a converted official run; continue it under DDP or in one "
+            "process (its AdamW state is loaded unsharded)") in result.stderr, result.stderr[-3000:]
     assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 

@@ -204,12 +204,13 @@ def card_sampling(settings: CardSettings) -> dict:
 
 
 def card_results(settings: CardSettings) -> dict:
-    """The template values of the card's Results section."""
+    """The template values of the card's Results section (shown only with an FID)."""
     return dict(
         fid=settings.fid,
         inception_score=settings.inception_score,
         fid_statistics=settings.fid_statistics,
-        metrics_source_link=f"[{settings.metrics_source}]({settings.metrics_source_url})",
+        metrics_source_link=(None if settings.fid is None
+                             else f"[{settings.metrics_source}]({settings.metrics_source_url})"),
     )
 
 
